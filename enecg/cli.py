@@ -1,0 +1,51 @@
+"""The ``enecg`` command line: one entry point, one sub-command group per module.
+
+Each module in :data:`COMMAND_MODULES` defines ``register(subparsers)`` which adds its sub-command(s) with their
+own ``--help`` and sets ``func`` (called with the parsed args, returning an exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+COMMAND_MODULES: tuple[str, ...] = (
+    "enecg.data.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="enecg",
+        description="Ensembles of pretrained ECG foundation models: data, experts, training, evaluation, Hub.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
+        # One clear line for user errors; tracebacks only with --verbose.
+        if args.verbose:
+            raise
+        print(f"enecg: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

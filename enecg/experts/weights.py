@@ -1,0 +1,102 @@
+"""Reading published weight files safely, and loading them strictly.
+
+Safetensors are read directly. Pickled checkpoints (``.pt``, ``.pth``, ``.bin``, ``.ckpt``) are only ever read with
+``torch.load(weights_only=True)``: a file that needs arbitrary objects to unpickle is refused, naming the file.
+Official loaders use ``strict=False`` and so hide mismatches; :func:`load_state_dict_strict` reports every missing
+or unexpected key instead, allowing only keys a spec explicitly expects to drop.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import pickle
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
+
+
+class WeightsError(RuntimeError):
+    """A weights file that cannot be loaded (unsafe, corrupt, or not matching the model). One-line message."""
+
+
+def read_weights(path: str | Path) -> Any:
+    """Read a weights file: safetensors -> ``dict[str, Tensor]``; pickle -> whatever it holds (weights_only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file not found")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as exc:  # safetensors raises several types for corrupt headers
+            raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from exc
+    if path.suffix in PICKLE_SUFFIXES:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise WeightsError(
+                f"{path}: refused to unpickle: the checkpoint needs objects beyond tensors and plain containers "
+                f"(weights_only=True). Convert it to safetensors with trusted code. Detail: {first}"
+            ) from exc
+        except (RuntimeError, EOFError, OSError) as exc:
+            raise WeightsError(f"{path}: not a readable torch checkpoint ({exc})") from exc
+    raise WeightsError(f"{path}: unknown weights format {path.suffix!r} (expected .safetensors or a torch pickle)")
+
+
+def _matches(key: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(key, pattern) for pattern in patterns)
+
+
+def load_state_dict_strict(
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    source: str,
+    expected_unexpected: Iterable[str] = (),
+    expected_missing: Iterable[str] = (),
+) -> dict[str, list[str]]:
+    """Load ``state_dict`` into ``model``; every key mismatch is an error unless it matches an expected pattern.
+
+    Args:
+        source: the file the weights came from (named in errors).
+        expected_unexpected: glob patterns of checkpoint keys the model deliberately lacks (e.g. ``dense.*``,
+            a classification head dropped for feature extraction).
+        expected_missing: glob patterns of model keys the checkpoint deliberately lacks.
+
+    Returns ``{"dropped": [...], "missing": [...]}``: the keys tolerated by the patterns, for reporting.
+    """
+    expected_unexpected = list(expected_unexpected)
+    expected_missing = list(expected_missing)
+    own = model.state_dict()
+    unexpected = [k for k in state_dict if k not in own]
+    missing = [k for k in own if k not in state_dict]
+    bad_unexpected = [k for k in unexpected if not _matches(k, expected_unexpected)]
+    bad_missing = [k for k in missing if not _matches(k, expected_missing)]
+    problems = []
+    if bad_missing:
+        problems.append(f"{len(bad_missing)} missing key(s) {_preview(bad_missing)}")
+    if bad_unexpected:
+        problems.append(f"{len(bad_unexpected)} unexpected key(s) {_preview(bad_unexpected)}")
+    shape_errors = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state_dict.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    if shape_errors:
+        problems.append(f"{len(shape_errors)} shape mismatch(es) {_preview(shape_errors)}")
+    if problems:
+        raise WeightsError(f"{source}: checkpoint does not match the model: " + "; ".join(problems))
+    kept = {k: v for k, v in state_dict.items() if k in own}
+    model.load_state_dict(kept, strict=not missing)
+    return {"dropped": sorted(unexpected), "missing": sorted(missing)}
+
+
+def _preview(items: list[str], limit: int = 5) -> str:
+    shown = ", ".join(items[:limit])
+    return f"[{shown}{', ...' if len(items) > limit else ''}]"

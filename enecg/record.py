@@ -1,0 +1,65 @@
+"""The one in-memory ECG record type used everywhere in enecg."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from enecg.leads import canonical_lead_name
+
+
+class RecordError(ValueError):
+    """A record (file) that cannot be used. The message always names the file and the problem on one line."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+@dataclass
+class ECGRecord:
+    """One ECG recording.
+
+    Attributes:
+        signal: float32 array ``(leads, samples)`` in millivolts.
+        fs: sampling rate in Hz.
+        leads: lead names, canonicalised (see :func:`enecg.leads.canonical_lead_name`), one per signal row.
+        record_id: identifier unique within its source (e.g. PTB-XL ``ecg_id`` ``"00001"``, CinC ``"E00001"``).
+        patient_id: identifier of the patient, used for patient-level splits (``None`` when unknown).
+        metadata: anything else read with the record (``age``, ``sex``, ``source``, ``path``, labels ...).
+    """
+
+    signal: np.ndarray
+    fs: float
+    leads: tuple[str, ...]
+    record_id: str
+    patient_id: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.signal = np.asarray(self.signal, dtype=np.float32)
+        self.leads = tuple(canonical_lead_name(name) for name in self.leads)
+        if self.signal.ndim != 2:
+            raise RecordError(self.source, f"signal must be 2-D (leads, samples), got shape {self.signal.shape}")
+        if self.signal.shape[0] != len(self.leads):
+            raise RecordError(
+                self.source, f"{self.signal.shape[0]} signal rows but {len(self.leads)} lead names {self.leads}"
+            )
+        if not np.isfinite(self.fs) or self.fs <= 0:
+            raise RecordError(self.source, f"sampling rate must be a positive number, got {self.fs!r}")
+
+    @property
+    def source(self) -> str:
+        """The file the record came from (or its id when it was built in memory), for error messages."""
+        return str(self.metadata.get("path", self.record_id))
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.signal.shape[1])
+
+    @property
+    def duration_s(self) -> float:
+        return self.n_samples / self.fs
