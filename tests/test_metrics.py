@@ -149,3 +149,29 @@ def test_bootstrap_is_deterministic_and_patient_level() -> None:
 def test_bootstrap_rejects_mismatched_groups() -> None:
     with pytest.raises(ValueError, match="group ids"):
         bootstrap_ci(lambda idx: 0.0, 5, [1, 2], BootstrapConfig(n_resamples=2))
+
+
+def test_evaluate_task_uses_validation_thresholds_and_is_json() -> None:
+    import json
+
+    from enecg.evaluation.task_eval import evaluate_task
+
+    rng = np.random.default_rng(5)
+    y_val = rng.integers(0, 2, (150, 2)).astype(float)
+    p_val = np.clip(0.4 * y_val + rng.uniform(0, 0.6, (150, 2)), 0, 1)
+    y_test = rng.integers(0, 2, (90, 2)).astype(float)
+    p_test = np.clip(0.4 * y_test + rng.uniform(0, 0.6, (90, 2)), 0, 1)
+    res = evaluate_task("multilabel", ["A", "B"], y_test, p_test, val_true=y_val, val_pred=p_val,
+                        test_groups=np.repeat(np.arange(45), 2), bootstrap=BootstrapConfig(n_resamples=50))
+    expected_thresholds = choose_thresholds(y_val, p_val, OperatingPoint())
+    assert res["thresholds"] == {"A": expected_thresholds[0], "B": expected_thresholds[1]}
+    assert res["metrics"]["per_label"]["A"]["threshold"] == expected_thresholds[0]
+    low, high = res["ci"]["macro_auroc"]
+    assert low <= res["metrics"]["macro"]["auroc"] <= high
+    assert res["calibration"]["temperature"] > 0
+    json.dumps(res, allow_nan=False)  # NaN must have become null
+
+    reg = evaluate_task("regression", [], np.array([50.0, 60, np.nan, 70]), np.array([52.0, 58, 1, 71]),
+                        bootstrap=BootstrapConfig(n_resamples=20))
+    assert reg["metrics"]["mae"] == pytest.approx(5 / 3)
+    json.dumps(reg, allow_nan=False)
