@@ -21,6 +21,22 @@ from torch import nn
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
 
 
+def _numpy_safe_globals() -> list[Any]:
+    """numpy reconstructors that rebuild plain numbers and numeric arrays, nothing else.
+
+    fairseq(-signals) checkpoints such as ECG-FM's store numpy scalars in ``extra_state``/``optimizer_history``;
+    ``weights_only=True`` refuses them by default. These globals only rebuild numeric scalars, numeric dtypes and
+    numeric arrays; object/void/string dtypes stay refused, so arbitrary objects still cannot be unpickled.
+    """
+    import numpy as np
+
+    core = np._core if hasattr(np, "_core") else np.core  # numpy 2 renamed numpy.core
+    allowed: list[Any] = [core.multiarray.scalar, core.multiarray._reconstruct, np.ndarray, np.dtype]
+    refused = {"ObjectDType", "VoidDType", "StringDType", "StrDType", "BytesDType"}
+    allowed += [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType") and name not in refused]
+    return allowed
+
+
 class WeightsError(RuntimeError):
     """A weights file that cannot be loaded (unsafe, corrupt, or not matching the model). One-line message."""
 
@@ -37,7 +53,8 @@ def read_weights(path: str | Path) -> Any:
             raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from exc
     if path.suffix in PICKLE_SUFFIXES:
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(_numpy_safe_globals()):
+                return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise WeightsError(
