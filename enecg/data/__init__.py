@@ -1,0 +1,21 @@
+"""ECG datasets: builders (PTB-XL, CinC Challenge, WFDB folders) writing the layout of :mod:`enecg.data.schema`.
+
+Training and evaluation read a prepared folder with :func:`load_dataset_dir`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from enecg.data.schema import META_FILE, DatasetMeta, TaskInfo
+
+__all__ = ["META_FILE", "DatasetMeta", "TaskInfo", "load_dataset_dir"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: importing the schema alone must not pull in datasets/wfdb.
+    if name == "load_dataset_dir":
+        from enecg.data.build import load_dataset_dir
+
+        return load_dataset_dir
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -63,6 +63,10 @@ class DatasetMeta:
     skipped: list[dict[str, str]] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    # Records deliberately left out (not errors), e.g. CinC HR* records duplicating PTB-XL ones: {record, reason}.
+    dropped: list[dict[str, str]] = field(default_factory=list)
+    # Hash of the build inputs (options + input files' names/sizes/mtimes): an identical re-run reuses the folder.
+    cache_key: str = ""
 
     def task(self, name: str) -> TaskInfo:
         for task in self.tasks:
@@ -95,6 +99,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; these are ordinary shareable files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
