@@ -13,6 +13,8 @@ import sys
 
 COMMAND_MODULES: tuple[str, ...] = (
     "enecg.data.cli",
+    "enecg.experts.cli",
+    "enecg.hub.cli",
 )
 
 
