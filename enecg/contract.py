@@ -373,6 +373,55 @@ def apply_contract_array(
     return PreparedInput(windows=windows if batched else windows[0], lead_mask=lead_mask)
 
 
+@dataclass
+class StackedWindows:
+    """Several records prepared with one contract and stacked into arrays.
+
+    Attributes:
+        windows: float32 ``(B, n_windows, leads, length)`` (``(B, n_windows, leads*length)`` for ``concat_leads``);
+            records with fewer windows than the longest are padded with all-zero windows.
+        window_mask: bool ``(B, n_windows)``: False for padding windows (excluded from aggregation).
+        lead_mask: bool ``(B, leads)``: False where a contract lead was missing from the record and zero-filled.
+    """
+
+    windows: np.ndarray
+    window_mask: np.ndarray
+    lead_mask: np.ndarray
+
+
+def apply_contract_records(records: Sequence[ECGRecord], contract: InputContract) -> StackedWindows:
+    """Apply ``contract`` to several records and stack the results (see :class:`StackedWindows`).
+
+    Vectorised over the batch when the records share rate, leads and length (the common case: one dataset); a
+    batch-level error is re-raised per record so that the message names the offending file."""
+    records = list(records)
+    if not records:
+        raise ValueError("apply_contract_records needs at least one record")
+    first = records[0]
+    uniform = all(r.fs == first.fs and r.leads == first.leads and r.n_samples == first.n_samples for r in records)
+    prepared: list[PreparedInput] | None = None
+    if len(records) > 1 and uniform:
+        try:
+            batch = apply_contract_array(
+                np.stack([r.signal for r in records]), first.fs, first.leads, contract,
+                source=f"batch of {len(records)} records",
+            )
+        except RecordError:
+            pass  # fall through: the per-record pass raises the error naming the record's file
+        else:
+            prepared = [PreparedInput(windows=w, lead_mask=batch.lead_mask) for w in batch.windows]
+    if prepared is None:
+        prepared = [apply_contract(record, contract) for record in records]
+    n_windows = max(p.windows.shape[0] for p in prepared)
+    windows = np.zeros((len(prepared), n_windows, *prepared[0].windows.shape[1:]), dtype=np.float32)
+    window_mask = np.zeros((len(prepared), n_windows), dtype=bool)
+    for i, p in enumerate(prepared):
+        windows[i, : p.windows.shape[0]] = p.windows
+        window_mask[i, : p.windows.shape[0]] = True
+    lead_mask = np.stack([np.asarray(p.lead_mask, dtype=bool) for p in prepared])
+    return StackedWindows(windows=windows, window_mask=window_mask, lead_mask=lead_mask)
+
+
 def _check_finite(x: np.ndarray, leads: tuple[str, ...], source: str, batched: bool) -> None:
     bad = ~np.isfinite(x)
     if not bad.any():

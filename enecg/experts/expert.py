@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from enecg.contract import InputContract, PreparedInput, apply_contract, apply_contract_array
+from enecg.contract import InputContract, apply_contract_records
 from enecg.experts.family import ExpertFamily, get_family
 from enecg.experts.resolve import ExpertLoadError, ResolvedExpert, resolve_expert
 from enecg.experts.spec import CONFIG_FROM_CHECKPOINT, CONFIG_INLINE, Spec, contract_summary
 from enecg.experts.weights import WeightsError, load_state_dict_strict
-from enecg.record import ECGRecord, RecordError
+from enecg.record import ECGRecord
 
 
 @dataclass
@@ -188,20 +188,11 @@ class Expert(nn.Module):
             records = [records]
         if not records:
             raise ValueError(f"{self.name}: prepare() needs at least one record")
-        prepared = _apply_contract_batched(list(records), self.contract)
-        n_windows = max(p.windows.shape[0] for p in prepared)
-        window_shape = prepared[0].windows.shape[1:]
-        windows = np.zeros((len(prepared), n_windows, *window_shape), dtype=np.float32)
-        window_mask = np.zeros((len(prepared), n_windows), dtype=bool)
-        for i, p in enumerate(prepared):
-            count = p.windows.shape[0]
-            windows[i, :count] = p.windows
-            window_mask[i, :count] = True
-        lead_mask = np.stack([np.asarray(p.lead_mask, dtype=bool) for p in prepared])
+        stacked = apply_contract_records(records, self.contract)
         return PreparedBatch(
-            windows=torch.from_numpy(windows),
-            window_mask=torch.from_numpy(window_mask),
-            lead_mask=torch.from_numpy(lead_mask),
+            windows=torch.from_numpy(stacked.windows),
+            window_mask=torch.from_numpy(stacked.window_mask),
+            lead_mask=torch.from_numpy(stacked.lead_mask),
         )
 
     def forward(self, windows: torch.Tensor, window_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -248,29 +239,6 @@ class Expert(nn.Module):
         for name, _ in self.model.named_modules():
             if any(name == t or name.endswith("." + t) for t in targets):
                 yield name
-
-
-def _apply_contract_batched(records: list[ECGRecord], contract: InputContract) -> list[PreparedInput]:
-    """``apply_contract`` per record, vectorised when the records share rate, leads and length (the common case:
-    one dataset). A batch-level error is re-raised per record so that it names the offending file."""
-    first = records[0]
-    uniform = all(
-        r.fs == first.fs and r.leads == first.leads and r.n_samples == first.n_samples for r in records[1:]
-    )
-    if len(records) > 1 and uniform:
-        try:
-            batch = apply_contract_array(
-                np.stack([r.signal for r in records]),
-                first.fs,
-                first.leads,
-                contract,
-                source=f"batch of {len(records)} records",
-            )
-        except RecordError:
-            pass  # fall through: the per-record pass raises the error naming the record's file
-        else:
-            return [PreparedInput(windows=w, lead_mask=batch.lead_mask) for w in batch.windows]
-    return [apply_contract(record, contract) for record in records]
 
 
 def _aggregate(per_window: torch.Tensor, window_mask: torch.Tensor | None, how: str) -> torch.Tensor:
