@@ -325,3 +325,32 @@ def test_lora_targets_adapt_the_embedding(architecture: str) -> None:
     with torch.no_grad():
         adapted = family.embed(peft_model.base_model.model, x)
     assert not torch.allclose(base, adapted)
+
+
+def test_expert_wrapper_passes_demographics(tmp_path) -> None:
+    """A light expert built with demographics, loaded through the generic loader, fuses age/sex from records."""
+    import numpy as np
+
+    from enecg.contract import InputContract
+    from enecg.experts import load_expert
+    from enecg.experts.families.light import LightCNNConfig, build_light_model
+    from enecg.experts.inhouse import save_inhouse_expert
+    from enecg.leads import STANDARD_12_LEADS
+    from enecg.record import ECGRecord
+
+    config = LightCNNConfig(architecture="SimpleNet", use_demographics=True)
+    model = build_light_model(config)
+    contract = InputContract(fs=100.0, leads=STANDARD_12_LEADS, length=1000, scaling="zscore_lead")
+    save_inhouse_expert(model, family="light", config=config.to_dict(), contract=contract, folder=tmp_path / "e",
+                        name="demo")
+    expert = load_expert(str(tmp_path / "e"))
+    assert expert.uses_demographics
+    signal = np.random.default_rng(0).normal(size=(12, 1000)).astype(np.float32)
+    young = ECGRecord(signal, 100.0, STANDARD_12_LEADS, "r", metadata={"age": 20.0, "sex": 0.0})
+    old = ECGRecord(signal, 100.0, STANDARD_12_LEADS, "r", metadata={"age": 80.0, "sex": 1.0})
+    unknown = ECGRecord(signal, 100.0, STANDARD_12_LEADS, "r", metadata={})
+    e_young, e_old, e_unknown = expert.embed([young]), expert.embed([old]), expert.embed([unknown])
+    assert not torch.allclose(e_young, e_old)
+    assert torch.isfinite(e_unknown).all()
+    with pytest.raises(ValueError, match="pass demographics"):
+        expert(expert.prepare(young))

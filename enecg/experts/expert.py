@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from enecg.contract import InputContract, apply_contract_records
+from enecg.data.rows import demographics_array
 from enecg.experts.family import ExpertFamily, get_family
 from enecg.experts.resolve import ExpertLoadError, ResolvedExpert, resolve_expert
 from enecg.experts.spec import CONFIG_FROM_CHECKPOINT, CONFIG_INLINE, Spec, contract_summary
@@ -195,12 +196,24 @@ class Expert(nn.Module):
             lead_mask=torch.from_numpy(stacked.lead_mask),
         )
 
-    def forward(self, windows: torch.Tensor, window_mask: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def uses_demographics(self) -> bool:
+        """Whether the expert fuses (age, sex) into its embedding (in-house light CNNs built with demographics)."""
+        check = getattr(self.family, "uses_demographics", None)
+        return bool(check(self.config)) if check is not None else False
+
+    def forward(
+        self,
+        windows: torch.Tensor,
+        window_mask: torch.Tensor | None = None,
+        demographics: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Embed prepared windows ``(B, n_windows, ...)`` -> ``(B, embedding_dim)``.
 
         Every window goes through ``family.embed`` in one batch of ``B * n_windows``; the windows of a record are
         then combined with the contract's aggregation (mean or max), skipping windows where ``window_mask`` is
-        False. A frozen expert runs under ``torch.no_grad()``."""
+        False. ``demographics`` ``(B, 2)`` = (age years, sex 0/1, NaN unknown) reach experts that fuse them; other
+        experts ignore them. A frozen expert runs under ``torch.no_grad()``."""
         if windows.ndim < 3:
             raise ValueError(
                 f"{self.name}: forward expects prepared windows (B, n_windows, ...), got shape {tuple(windows.shape)}"
@@ -210,8 +223,15 @@ class Expert(nn.Module):
         reference = next(self.model.parameters(), None)
         if reference is not None:
             windows = windows.to(device=reference.device, dtype=reference.dtype)
+        extra: dict[str, torch.Tensor] = {}
+        if self.uses_demographics:
+            if demographics is None:
+                raise ValueError(f"{self.name}: this expert fuses age/sex: pass demographics (B, 2) (NaN = unknown)")
+            # Every window of a record carries that record's demographics.
+            demographics = demographics.to(windows.device, windows.dtype)
+            extra["demographics"] = demographics.repeat_interleave(n_windows, dim=0)
         with self._grad_context():
-            flat = self.family.embed(self.model, windows.reshape(batch * n_windows, *windows.shape[2:]))
+            flat = self.family.embed(self.model, windows.reshape(batch * n_windows, *windows.shape[2:]), **extra)
             if flat.shape != (batch * n_windows, self.embedding_dim):
                 raise RuntimeError(
                     f"{self.name}: family {self.spec.family!r} embed returned shape {tuple(flat.shape)}, expected "
@@ -225,8 +245,12 @@ class Expert(nn.Module):
         with torch.no_grad():
             if isinstance(inputs, (torch.Tensor, np.ndarray)):
                 return self.forward(torch.as_tensor(inputs))
-            batch = self.prepare_batch(inputs)
-            return self.forward(batch.windows, batch.window_mask)
+            records = [inputs] if isinstance(inputs, ECGRecord) else list(inputs)
+            batch = self.prepare_batch(records)
+            demographics = None
+            if self.uses_demographics:
+                demographics = torch.from_numpy(demographics_array(records))
+            return self.forward(batch.windows, batch.window_mask, demographics)
 
     def official_forward(self, x: torch.Tensor, **kwargs: Any) -> Any:
         """The official model's raw forward on model-layout input (for parity tests), via the family."""

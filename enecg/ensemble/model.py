@@ -1,0 +1,519 @@
+"""The ensemble: frozen experts, per-expert heads (LoRA via peft), a gate, and the multi-task loss.
+
+Data flow of :meth:`Ensemble.forward` for a batch of B records:
+
+1. A signal (or uniform) gate routes first, from its own raw-signal input; with sparse top-k routing each expert
+   then runs only on the records routed to it. An embedding gate routes after every expert has run.
+2. Each expert embeds its contract-prepared windows ``(B, n_windows, ...) -> (B, D)``; with
+   ``from_embeddings=True`` cached embeddings ``(B, D)`` are used instead (the feature cache: frozen experts never
+   re-run during training).
+3. ``combine='predictions'`` (the paper): each expert's own heads predict every task, and the gate weights those
+   predictions (:meth:`enecg.ensemble.tasks.Task.combine`). ``combine='embeddings'``: per-expert projections to a
+   common width are weighted and summed, and one shared head per task predicts from the sum.
+
+Distributed training: with top-k routing some experts/heads get no gradient in a step, so wrap with
+``DistributedDataParallelKwargs(find_unused_parameters=True)``. Learned task weights are returned in the output
+(``task_log_vars``) so that :meth:`Ensemble.compute_loss` reaches them through the forward graph, as DDP needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from enecg.ensemble.config import EnsembleConfig
+from enecg.ensemble.gate import Gate, GateOutput
+from enecg.ensemble.heads import ExpertBranch, TaskHead, count_parameters, prepare_expert
+from enecg.ensemble.lora import adapter_state_dict, save_adapter, unwrap_branch, wrap_branch
+from enecg.ensemble.tasks import Task
+
+
+@dataclass
+class EnsembleOutput:
+    """What :meth:`Ensemble.forward` returns (E experts in config order; ``...`` = ``K`` outputs or nothing).
+
+    Attributes:
+        logits: task -> combined logits ``(B, ...)``, the input of the task loss (for mixed probabilities: logits
+            of the mixture, see :mod:`enecg.ensemble.tasks`; for regression: normalised predictions).
+        predictions: task -> combined predictions (probabilities, class probabilities, or raw-unit values).
+        expert_logits: task -> ``(B, E, ...)`` each expert's logits; 0 where the expert was not routed to.
+        expert_predictions: task -> ``(B, E, ...)`` each expert's predictions; NaN where not routed to.
+        gate_weights: task -> ``(B, E)`` mixture weights (rows sum to 1).
+        routed: ``(B, E)`` bool, True where an expert ran on a record (for any task).
+        aux_losses: unweighted gate terms (``gate/load_balance``, ``gate/entropy``).
+        task_log_vars: ``(T,)`` learned log-variances (uncertainty weighting) or None.
+    """
+
+    logits: dict[str, Tensor]
+    predictions: dict[str, Tensor]
+    expert_logits: dict[str, Tensor]
+    expert_predictions: dict[str, Tensor]
+    gate_weights: dict[str, Tensor]
+    routed: Tensor
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    task_log_vars: Tensor | None = None
+
+
+class Ensemble(nn.Module):
+    """Multi-task mixture of frozen ECG experts.
+
+    Args:
+        config: the ensemble configuration (experts in gate order, tasks, heads, LoRA, gate, task weighting).
+        experts: expert name -> expert module (``forward(windows) -> (B, D)``, attribute ``embedding_dim``). The
+            experts are frozen in place (and get LoRA layers injected in place with ``lora.on_experts``).
+
+    Heads, gate and LoRA weights are initialised from ``config.seed`` without touching the global RNG, so two
+    ensembles built from the same config and experts are identical.
+    """
+
+    def __init__(self, config: EnsembleConfig, experts: Mapping[str, nn.Module]) -> None:
+        super().__init__()
+        names = config.expert_names
+        if set(experts) != set(names):
+            raise ValueError(
+                f"experts given {sorted(experts)} do not match the config's experts {sorted(names)}"
+            )
+        for ref in config.experts:
+            _check_expert(ref.name, experts[ref.name], ref.embedding_dim, ref.hub_id, ref.revision)
+        self.config = config
+        self.expert_names = list(names)
+        self.task_list = [Task(t) for t in config.tasks]
+        self.tasks = {task.name: task for task in self.task_list}
+        gate_settings = config.gate
+        self.combine_embeddings = gate_settings.combine == "embeddings"
+        self.num_groups = len(self.task_list) if gate_settings.per_task else 1
+        squeeze = tuple(t.name for t in self.task_list if t.is_scalar)
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            branches = {}
+            for ref in config.experts:
+                expert = experts[ref.name]
+                prepare_expert(expert, config.lora.on_experts)
+                heads, projection = None, None
+                if self.combine_embeddings:
+                    projection = nn.Linear(ref.embedding_dim, gate_settings.projection_dim)
+                else:
+                    heads = {
+                        t.name: TaskHead(ref.embedding_dim, t.num_outputs, config.heads)
+                        for t in self.task_list
+                    }
+                branch = ExpertBranch(
+                    expert, ref.hub_id, heads=heads, projection=projection, squeeze_tasks=squeeze
+                )
+                branches[ref.name] = wrap_branch(branch, ref, config.lora)
+            self.branches = nn.ModuleDict(branches)
+            self.shared_heads = nn.ModuleDict(
+                {
+                    t.name: TaskHead(gate_settings.projection_dim, t.num_outputs, config.heads)
+                    for t in self.task_list
+                }
+                if self.combine_embeddings
+                else {}
+            )
+            self.gate = Gate(
+                gate_settings,
+                len(names),
+                self.num_groups,
+                embedding_dims=[r.embedding_dim for r in config.experts],
+            )
+            self.task_log_vars = (
+                nn.Parameter(torch.zeros(len(self.task_list)))
+                if config.task_weighting == "uncertainty"
+                else None
+            )
+        self._set_expert_modes()
+
+    # -- structure -----------------------------------------------------------------------------------------------
+
+    def branch(self, expert_name: str) -> ExpertBranch:
+        """The (unwrapped) branch of one expert: ``.expert``, ``.heads[task]``, ``.branch_projection``."""
+        if expert_name not in self.branches:
+            raise KeyError(f"no expert {expert_name!r}; experts: {self.expert_names}")
+        return unwrap_branch(self.branches[expert_name])
+
+    def head(self, expert_name: str, task_name: str) -> TaskHead:
+        """The head of one expert for one task (combine='predictions')."""
+        return self.branch(expert_name).heads[task_name]
+
+    @property
+    def supports_cached_embeddings(self) -> bool:
+        """True when experts are frozen as published (no LoRA on them): cached embeddings stay valid."""
+        return not self.config.lora.on_experts
+
+    def train(self, mode: bool = True) -> Ensemble:
+        super().train(mode)
+        self._set_expert_modes()
+        return self
+
+    def _set_expert_modes(self) -> None:
+        # Frozen experts always run in eval mode: their dropout/batch-norm must not change (or make random) the
+        # features, and the features must equal the cached ones. Experts with LoRA follow the ensemble's mode.
+        if not self.config.lora.on_experts:
+            for name in self.expert_names:
+                self.branch(name).expert.eval()
+
+    # -- forward -------------------------------------------------------------------------------------------------
+
+    def embed(
+        self,
+        expert_inputs: Mapping[str, Tensor],
+        demographics: Tensor | None = None,
+        window_masks: Mapping[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        """Every expert's embedding ``(B, D)`` of every record (what the feature cache stores)."""
+        self._check_inputs(expert_inputs, from_embeddings=False)
+        masks = window_masks or {}
+        return {
+            name: self.branch(name).embed(expert_inputs[name], demographics, masks.get(name))
+            for name in self.expert_names
+        }
+
+    def forward(
+        self,
+        expert_inputs: Mapping[str, Tensor],
+        gate_input: Tensor | None = None,
+        demographics: Tensor | None = None,
+        *,
+        from_embeddings: bool = False,
+        window_masks: Mapping[str, Tensor] | None = None,
+    ) -> EnsembleOutput:
+        """Predict every task for a batch.
+
+        Args:
+            expert_inputs: expert name -> contract-prepared windows ``(B, n_windows, ...)``, or with
+                ``from_embeddings=True`` cached embeddings ``(B, D)``.
+            gate_input: the signal gate's windows prepared with its contract (``(B, [n_windows,] leads, length)``);
+                required by a signal gate, ignored otherwise.
+            demographics: ``(B, 2)`` (age, sex), passed to experts that accept it.
+            from_embeddings: see ``expert_inputs``.
+            window_masks: expert name -> bool ``(B, n_windows)``, False for padding windows (records with fewer
+                windows than the longest in the batch); experts without a mask get all their windows counted.
+        """
+        batch = self._check_inputs(expert_inputs, from_embeddings)
+        masks = window_masks or {}
+        check_grad = self.training and self.config.lora.on_experts and torch.is_grad_enabled()
+        device = next(iter(expert_inputs.values())).device
+        kind = self.config.gate.input
+        gate_out: GateOutput | None = None
+        if kind == "uniform":
+            gate_out = self.gate.uniform(batch, device)
+        elif kind == "signal":
+            if gate_input is None:
+                raise ValueError(
+                    "the signal gate needs `gate_input` (windows prepared with the gate's contract)"
+                )
+            if gate_input.shape[0] != batch:
+                raise ValueError(f"gate_input has {gate_input.shape[0]} records, expert inputs have {batch}")
+            gate_out = self.gate(gate_input)
+
+        # Which records each expert must embed: the routed ones, or all of them for an embedding gate.
+        needed = (
+            gate_out.routed.any(dim=1)
+            if gate_out is not None
+            else torch.ones(batch, len(self.expert_names), dtype=torch.bool, device=device)
+        )
+        embeddings: dict[str, tuple[Tensor | None, Tensor]] = {}
+        for e, name in enumerate(self.expert_names):
+            rows = _rows(needed[:, e])
+            if rows is not None and rows.numel() == 0:
+                continue  # no record routed to this expert: it does not run
+            x = expert_inputs[name] if rows is None else expert_inputs[name].index_select(0, rows)
+            if from_embeddings:
+                embeddings[name] = (rows, x)
+            else:
+                demo, mask = demographics, masks.get(name)
+                if rows is not None:
+                    demo = None if demo is None else demo.index_select(0, rows)
+                    mask = None if mask is None else mask.index_select(0, rows)
+                emb = self.branch(name).embed(x, demo, mask)
+                if check_grad and not emb.requires_grad:
+                    raise RuntimeError(
+                        f"expert {name!r} returned an embedding without gradient although its layers carry LoRA "
+                        f"(does it run under no_grad while frozen?): its LoRA weights would never train"
+                    )
+                embeddings[name] = (rows, emb)
+
+        if gate_out is None:  # embedding gate: every expert ran on every record
+            gate_out = self.gate([embeddings[name][1] for name in self.expert_names])
+        routed_any = gate_out.routed.any(dim=1)
+
+        per_expert: list[dict[str, Tensor]] = []  # full-batch per-task logits (zeros where not routed)
+        projections: list[Tensor | None] = []  # full-batch projections (combine='embeddings')
+        for e, name in enumerate(self.expert_names):
+            head_rows = _rows(routed_any[:, e])
+            if name not in embeddings or (head_rows is not None and head_rows.numel() == 0):
+                per_expert.append({})
+                projections.append(None)
+                continue
+            emb_rows, emb = embeddings[name]
+            emb, head_rows = _select(emb, emb_rows, head_rows, batch)
+            branch = self.branch(name)
+            if self.combine_embeddings:
+                projected = branch.project(emb)
+                projections.append(_scatter(projected, head_rows, batch))
+                logits = {t.name: self._shared_head(t.name, projected) for t in self.task_list}
+            else:
+                projections.append(None)
+                logits = branch.head_logits(emb)
+            per_expert.append({t: _scatter(v, head_rows, batch) for t, v in logits.items()})
+
+        out_logits, out_preds, expert_logits, expert_preds, gate_weights = {}, {}, {}, {}, {}
+        for t_index, task in enumerate(self.task_list):
+            group = t_index if self.num_groups > 1 else 0
+            weights, log_weights = gate_out.weights[:, group], gate_out.log_weights[:, group]
+            stacked = _stack([p.get(task.name) for p in per_expert])
+            if self.combine_embeddings:
+                mixed = sum(
+                    weights[:, e, None] * proj for e, proj in enumerate(projections) if proj is not None
+                )
+                combined = self._shared_head(task.name, mixed).float()
+            else:
+                combined = task.combine(stacked, weights, log_weights, self.config.gate.mix)
+            out_logits[task.name] = combined
+            out_preds[task.name] = task.predict(combined)
+            expert_logits[task.name] = stacked
+            mask = routed_any if task.is_scalar else routed_any.unsqueeze(-1)
+            expert_pred = task.predict(stacked)
+            expert_preds[task.name] = torch.where(
+                mask, expert_pred, torch.full_like(expert_pred, float("nan"))
+            )
+            gate_weights[task.name] = weights
+        return EnsembleOutput(
+            logits=out_logits,
+            predictions=out_preds,
+            expert_logits=expert_logits,
+            expert_predictions=expert_preds,
+            gate_weights=gate_weights,
+            routed=routed_any,
+            aux_losses=dict(gate_out.aux_losses),
+            # A non-leaf copy: DDP with find_unused_parameters traces parameters from the outputs' graph.
+            task_log_vars=None if self.task_log_vars is None else self.task_log_vars.clone(),
+        )
+
+    def _shared_head(self, task_name: str, x: Tensor) -> Tensor:
+        logits = self.shared_heads[task_name](x)
+        return logits.squeeze(-1) if self.tasks[task_name].is_scalar else logits
+
+    def _check_inputs(self, expert_inputs: Mapping[str, Tensor], from_embeddings: bool) -> int:
+        if set(expert_inputs) != set(self.expert_names):
+            raise ValueError(
+                f"expert_inputs has keys {sorted(expert_inputs)}, expected {sorted(self.expert_names)}"
+            )
+        if from_embeddings and self.config.lora.on_experts:
+            raise ValueError(
+                "from_embeddings=True with lora.on_experts: cached embeddings of the frozen experts do "
+                "not include the experts' LoRA updates; run the experts on windows instead"
+            )
+        sizes = {name: x.shape[0] for name, x in expert_inputs.items()}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"expert inputs disagree on the batch size: {sizes}")
+        if from_embeddings:
+            for ref in self.config.experts:
+                x = expert_inputs[ref.name]
+                if x.dim() != 2 or x.shape[1] != ref.embedding_dim:
+                    raise ValueError(
+                        f"cached embeddings of expert {ref.name!r} have shape {tuple(x.shape)}, "
+                        f"expected (B, {ref.embedding_dim})"
+                    )
+        return next(iter(sizes.values()))
+
+    # -- loss ----------------------------------------------------------------------------------------------------
+
+    def compute_loss(
+        self, output: EnsembleOutput, labels: Mapping[str, Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Total training loss and its parts (detached, for logging).
+
+        Per task: the masked task loss on the combined logits, times ``loss_weight``; with uncertainty weighting
+        (Kendall et al. 2018) ``loss_weight * (c * exp(-s) * L + s / 2)`` with ``s = log sigma^2`` learned and
+        ``c = 1/2`` for regression, 1 for classification (a task without labels in the batch adds nothing, not even
+        ``s / 2``). Plus ``gate.load_balance_weight * load_balance + gate.entropy_weight * entropy`` and
+        ``heads.expert_loss_weight * sum_t loss_weight * mean_e L_t(expert e on its routed records)``.
+
+        Parts: ``<task>`` (unweighted task loss), ``expert/<task>``, ``gate/load_balance``, ``gate/entropy``,
+        ``log_var/<task>``.
+        """
+        missing = [t.name for t in self.task_list if t.name not in labels]
+        if missing:
+            raise KeyError(f"labels missing for tasks {missing} (use NaN for records without a label)")
+        parts: dict[str, Tensor] = {}
+        total = None
+        gate, heads = self.config.gate, self.config.heads
+        for t_index, task in enumerate(self.task_list):
+            loss, count = task.loss(output.logits[task.name], labels[task.name])
+            parts[task.name] = loss.detach()
+            term = task.config.loss_weight * loss
+            if output.task_log_vars is not None:
+                log_var = output.task_log_vars[t_index]
+                scale = 0.5 if task.type == "regression" else 1.0
+                weighted = task.config.loss_weight * (scale * torch.exp(-log_var) * loss + 0.5 * log_var)
+                term = torch.where(count > 0, weighted, loss * 0.0 + log_var * 0.0)
+                parts[f"log_var/{task.name}"] = log_var.detach()
+            if heads.expert_loss_weight > 0:
+                expert_loss = self._expert_loss(task, output, labels[task.name])
+                parts[f"expert/{task.name}"] = expert_loss.detach()
+                term = term + heads.expert_loss_weight * task.config.loss_weight * expert_loss
+            total = term if total is None else total + term
+        for key, weight in (
+            ("gate/load_balance", gate.load_balance_weight),
+            ("gate/entropy", gate.entropy_weight),
+        ):
+            if key in output.aux_losses:
+                parts[key] = output.aux_losses[key].detach()
+                if weight:
+                    total = total + weight * output.aux_losses[key]
+        return total, parts
+
+    def _expert_loss(self, task: Task, output: EnsembleOutput, labels: Tensor) -> Tensor:
+        """Mean over experts (those with labelled routed records) of each expert's own task loss."""
+        labels = torch.as_tensor(labels, device=output.routed.device).float()
+        losses, counts = [], []
+        for e in range(len(self.expert_names)):
+            mask = output.routed[:, e].view(-1, *([1] * (labels.dim() - 1)))
+            # Records not routed to this expert count as unlabelled for it.
+            masked = torch.where(mask, labels, torch.full_like(labels, float("nan")))
+            loss, count = task.loss(output.expert_logits[task.name][:, e], masked)
+            losses.append(loss)
+            counts.append(count)
+        used = (torch.stack(counts) > 0).float()
+        return (torch.stack(losses) * used).sum() / used.sum().clamp(min=1.0)
+
+    # -- convenience ---------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def predict(
+        self,
+        expert_inputs: Mapping[str, Tensor],
+        gate_input: Tensor | None = None,
+        demographics: Tensor | None = None,
+        *,
+        from_embeddings: bool = False,
+        window_masks: Mapping[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        """Combined predictions per task in eval mode (restores the previous mode)."""
+        was_training = self.training
+        self.eval()
+        try:
+            output = self(
+                expert_inputs,
+                gate_input,
+                demographics,
+                from_embeddings=from_embeddings,
+                window_masks=window_masks,
+            )
+            return output.predictions
+        finally:
+            self.train(was_training)
+
+    def trainable_parameters(self) -> dict[str, int]:
+        """Parameter counts: ``total``, ``trainable``, ``frozen``, trainable ``lora``/``heads``/``projections``/
+        ``gate``/``task_weighting``, and ``expert:<name>`` (trainable parameters of that expert's branch)."""
+        summary = {"total": count_parameters(self), "trainable": count_parameters(self, trainable=True)}
+        summary["frozen"] = summary["total"] - summary["trainable"]
+        groups = dict.fromkeys(("lora", "heads", "projections", "gate", "task_weighting"), 0)
+        for name, parameter in self.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            if ".lora_" in name:
+                groups["lora"] += parameter.numel()
+            elif name.startswith("gate."):
+                groups["gate"] += parameter.numel()
+            elif name == "task_log_vars":
+                groups["task_weighting"] += parameter.numel()
+            elif "branch_projection" in name:
+                groups["projections"] += parameter.numel()
+            else:
+                groups["heads"] += parameter.numel()
+        summary.update(groups)
+        for name in self.expert_names:
+            summary[f"expert:{name}"] = count_parameters(self.branches[name], trainable=True)
+        return summary
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """Every trainable tensor (heads, LoRA, gate, projections, task weights), keyed by parameter name; the
+        frozen experts are not included (they are re-loaded from the Hub at their recorded revisions)."""
+        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state: Mapping[str, Tensor], source: str = "state dict") -> None:
+        """Load :meth:`trainable_state_dict` output strictly: missing, unexpected or mis-shaped keys are errors."""
+        own = dict(self.named_parameters())
+        expected = {name for name, p in own.items() if p.requires_grad}
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise ValueError(
+                f"{source}: missing keys {missing[:10]} (of {len(missing)}), unexpected keys "
+                f"{unexpected[:10]} (of {len(unexpected)})"
+            )
+        shapes = [
+            f"{k}: {tuple(state[k].shape)} != {tuple(own[k].shape)}"
+            for k in expected
+            if tuple(state[k].shape) != tuple(own[k].shape)
+        ]
+        if shapes:
+            raise ValueError(f"{source}: shape mismatches {shapes[:10]}")
+        with torch.no_grad():
+            for name in expected:
+                own[name].copy_(state[name])
+
+    def adapter_state_dict(self, expert_name: str) -> dict[str, Tensor]:
+        """Trainable weights of one expert's branch (peft adapter keys when LoRA is used)."""
+        self.branch(expert_name)  # validates the name
+        return adapter_state_dict(self.branches[expert_name])
+
+    def save_expert_adapter(self, expert_name: str, directory: Any) -> Any:
+        """Save one expert's branch as a standard peft adapter folder (requires LoRA)."""
+        self.branch(expert_name)
+        return save_adapter(self.branches[expert_name], directory)
+
+
+def _check_expert(name: str, expert: nn.Module, dim: int, hub_id: str, revision: str | None) -> None:
+    if not isinstance(expert, nn.Module):
+        raise TypeError(f"expert {name!r} is a {type(expert).__name__}, not an nn.Module")
+    actual = getattr(expert, "embedding_dim", None)
+    if actual != dim:
+        raise ValueError(f"expert {name!r}: embedding_dim {actual!r} differs from the config's {dim}")
+    for attr, wanted in (("hub_id", hub_id), ("revision", revision)):
+        have = getattr(expert, attr, None)
+        if have is not None and wanted is not None and have != wanted:
+            raise ValueError(f"expert {name!r}: module {attr} {have!r} differs from the config's {wanted!r}")
+
+
+def _rows(mask: Tensor) -> Tensor | None:
+    """Row indices where ``mask`` is True, or None when it is True everywhere (no indexing needed)."""
+    if bool(mask.all()):
+        return None
+    return mask.nonzero().squeeze(1)
+
+
+def _select(
+    emb: Tensor, emb_rows: Tensor | None, head_rows: Tensor | None, batch: int
+) -> tuple[Tensor, Tensor | None]:
+    """Embeddings of the records in ``head_rows`` given embeddings of the records in ``emb_rows``."""
+    if head_rows is None:
+        return emb, None
+    if emb_rows is None:
+        return emb.index_select(0, head_rows), head_rows
+    # emb covers emb_rows (a superset of head_rows): map batch positions to positions in emb.
+    position = torch.full((batch,), -1, dtype=torch.long, device=emb.device)
+    position[emb_rows] = torch.arange(emb_rows.numel(), device=emb.device)
+    return emb.index_select(0, position[head_rows]), head_rows
+
+
+def _scatter(values: Tensor, rows: Tensor | None, batch: int) -> Tensor:
+    """Full-batch tensor with ``values`` at ``rows`` and zeros elsewhere (differentiable)."""
+    if rows is None:
+        return values
+    full = values.new_zeros((batch, *values.shape[1:]))
+    return full.index_copy(0, rows, values)
+
+
+def _stack(per_expert: list[Tensor | None]) -> Tensor:
+    """``(B, E, ...)`` from per-expert full-batch logits (zeros for experts that did not run)."""
+    template = next(v for v in per_expert if v is not None)
+    filled = [v if v is not None else torch.zeros_like(template) for v in per_expert]
+    return torch.stack(filled, dim=1)
