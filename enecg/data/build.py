@@ -63,12 +63,16 @@ class RecordJob:
 
 
 Labeler = Callable[[ECGRecord], dict[str, Any]]
+# Makes the record of a job instead of reading ``job.path`` (e.g. a simulator); raises RecordError to skip it.
+RecordReader = Callable[[RecordJob], ECGRecord]
 
 
 @dataclass
 class BuildPlan:
     """Everything :func:`build_dataset` needs. ``labeler`` (a picklable callable) derives label columns from the
-    record itself (e.g. CinC ``Dx`` comments); ``options`` are recorded in the meta and the cache key."""
+    record itself (e.g. CinC ``Dx`` comments); ``options`` are recorded in the meta and the cache key.
+    ``reader`` (a picklable callable) makes each job's record instead of ``read_record(job.path)``: generated
+    sources (the synthetic set) have no files, so their cache key is options + jobs only."""
 
     source: str
     jobs: list[RecordJob]
@@ -80,6 +84,7 @@ class BuildPlan:
     hr_target: bool = False
     skipped: list[dict[str, str]] = field(default_factory=list)
     dropped: list[dict[str, str]] = field(default_factory=list)
+    reader: RecordReader | None = None
 
     def all_tasks(self) -> list[TaskInfo]:
         return [*self.tasks, heart_rate_task()] if self.hr_target else list(self.tasks)
@@ -111,7 +116,7 @@ def dataset_features(tasks: list[TaskInfo]) -> datasets.Features:
 def cache_key(plan: BuildPlan) -> str:
     """Hash of the options, the task definitions and every input file's path, size and mtime."""
     files: list[Path] = [Path(p) for p in plan.input_files]
-    for job in plan.jobs:
+    for job in plan.jobs if plan.reader is None else ():
         hea = header_path(job.path)
         files.append(hea)
         files.extend(hea.with_suffix(suffix) for suffix in _SIGNAL_SUFFIXES)
@@ -136,10 +141,16 @@ def cache_key(plan: BuildPlan) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _read_row(job: RecordJob, source: str, labeler: Labeler | None, hr_target: bool) -> tuple[Any, ...]:
+def _read_row(
+    job: RecordJob,
+    source: str,
+    labeler: Labeler | None,
+    hr_target: bool,
+    reader: RecordReader | None = None,
+) -> tuple[Any, ...]:
     """Worker: read one record into a row. Returns (row, None, hr_note) or (None, skip_entry, None)."""
     try:
-        record = read_record(job.path)
+        record = reader(job) if reader is not None else read_record(job.path)
     except RecordError as exc:
         return None, {"record": job.record_id, "path": exc.path, "reason": exc.problem}, None
     row: dict[str, Any] = {
@@ -216,7 +227,9 @@ def build_dataset(
     generator_cache = out.parent / f".{out.name}.cache-{token}"
     skipped = list(plan.skipped)
     hr_notes: list[tuple[str, str]] = []
-    read = functools.partial(_read_row, source=plan.source, labeler=plan.labeler, hr_target=plan.hr_target)
+    read = functools.partial(
+        _read_row, source=plan.source, labeler=plan.labeler, hr_target=plan.hr_target, reader=plan.reader
+    )
     try:
         staging.mkdir(parents=True)
         parts: dict[str, datasets.Dataset] = {}
