@@ -121,3 +121,11 @@ def test_download_rejects_bad_arguments(fake_physionet: Path, tmp_path: Path) ->
         download_ptbxl(tmp_path / "x", rates=(250,))
     with pytest.raises(ValueError, match="no ecg_id"):
         download_ptbxl(tmp_path / "y", ecg_ids=[999999])
+
+
+def test_download_cli(fake_physionet: Path, tmp_path: Path) -> None:
+    from enecg.cli import main
+
+    assert main(["data", "download", "ptbxl", "--out", str(tmp_path / "cli"), "--ecg-ids", "1-2"]) == 0
+    assert ptbxl_present(tmp_path / "cli", 100)
+    assert (tmp_path / "cli" / "records100/00000/00002_lr.hea").is_file()

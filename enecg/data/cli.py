@@ -1,4 +1,5 @@
-"""``enecg data``: ``prepare {ptbxl,cinc,wfdb,synthetic}`` builds a dataset folder, ``describe`` summarises one."""
+"""``enecg data``: ``prepare {ptbxl,cinc,wfdb,synthetic}`` builds a dataset folder, ``describe`` summarises one,
+``download ptbxl`` fetches PTB-XL from PhysioNet."""
 
 from __future__ import annotations
 
@@ -177,6 +178,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     describe.add_argument("--json", action="store_true", help="Print JSON instead of text.")
     describe.set_defaults(func=_describe)
 
+    download = commands.add_parser(
+        "download",
+        help="Download a public dataset from PhysioNet (needs network).",
+        description="Download PTB-XL (tables + records) with wfdb; re-running resumes and skips complete files.",
+    )
+    download.add_argument("dataset", choices=["ptbxl"], help="Dataset to download.")
+    download.add_argument("--out", required=True, help="Folder to download into (PhysioNet's layout).")
+    download.add_argument("--rate", type=int, choices=[100, 500], action="append",
+                          help="Sampling rate(s) to fetch (repeatable; default 100).")
+    download.add_argument("--ecg-ids", default=None,
+                          help="Only these ecg_ids, e.g. '1-500' or '1,2,3' (default: all).")
+    download.set_defaults(func=_download)
+
 
 def _report(meta) -> None:
     parts = ", ".join(f"{k} {v}" for k, v in meta.splits.items())
@@ -246,6 +260,20 @@ def _prepare_synthetic(args: argparse.Namespace) -> int:
     )
     _, meta = prepare_synthetic(args.out, options, workers=args.workers, force=args.force)
     _report(meta)
+    return 0
+
+
+def _download(args: argparse.Namespace) -> int:
+    from enecg.data.download import download_ptbxl
+
+    ids = None
+    if args.ecg_ids:
+        ids = []
+        for part in args.ecg_ids.split(","):
+            low, _, high = part.partition("-")
+            ids.extend(range(int(low), int(high or low) + 1))
+    root = download_ptbxl(args.out, rates=args.rate or [100], ecg_ids=ids)
+    print(f"PTB-XL downloaded into {root}")
     return 0
 
 
