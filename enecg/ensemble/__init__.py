@@ -2,6 +2,7 @@
 
 from enecg.ensemble.config import (
     CONFIG_FILE,
+    FORMAT_VERSION,
     EnsembleConfig,
     ExpertRef,
     GateSettings,
@@ -13,12 +14,16 @@ from enecg.ensemble.gate import Gate, GateOutput, load_balance_loss, router_entr
 from enecg.ensemble.heads import ExpertBranch, TaskHead
 from enecg.ensemble.lora import adapter_state_dict, check_lora_targets, save_adapter, wrap_branch
 from enecg.ensemble.model import Ensemble, EnsembleOutput
+from enecg.ensemble.prediction import RecordPrediction, TaskPrediction, predict_records
+from enecg.ensemble.serialization import EnsembleLoadError, from_pretrained, save_pretrained
 from enecg.ensemble.tasks import Task
 
 __all__ = [
     "CONFIG_FILE",
+    "FORMAT_VERSION",
     "Ensemble",
     "EnsembleConfig",
+    "EnsembleLoadError",
     "EnsembleOutput",
     "ExpertBranch",
     "ExpertRef",
@@ -27,13 +32,18 @@ __all__ = [
     "GateSettings",
     "HeadSettings",
     "LoraSettings",
+    "RecordPrediction",
     "Task",
     "TaskConfig",
     "TaskHead",
+    "TaskPrediction",
     "adapter_state_dict",
     "check_lora_targets",
+    "from_pretrained",
     "load_balance_loss",
+    "predict_records",
     "router_entropy",
     "save_adapter",
+    "save_pretrained",
     "wrap_branch",
 ]

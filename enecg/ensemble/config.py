@@ -21,6 +21,9 @@ from enecg.contract import InputContract
 from enecg.data.schema import TaskInfo, TaskType, write_text_atomic
 
 CONFIG_FILE = "config.json"
+# Major version of the saved-ensemble layout (config.json + model.safetensors + adapters/). Bump it when a saved
+# folder can no longer be read correctly by older code; readers refuse newer versions.
+FORMAT_VERSION = 1
 
 RegressionLoss = Literal["mse", "huber"]
 Activation = Literal["relu", "gelu", "silu", "tanh"]
@@ -65,6 +68,18 @@ def _check_choice(where: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{where} must be one of {list(choices)}, got {value!r}")
 
 
+def check_format_version(found: Any, written_by: Any = None) -> None:
+    """Refuse a saved layout this enecg cannot read (checked before any other key, whose meaning may differ)."""
+    if not isinstance(found, int) or isinstance(found, bool) or found < 1:
+        raise ValueError(f"format_version must be a positive integer, got {found!r}")
+    if found > FORMAT_VERSION:
+        who = f" (written by enecg {written_by})" if written_by else ""
+        raise ValueError(
+            f"saved with ensemble format version {found}{who}, but this enecg ({_enecg_version()}) reads "
+            f"format versions up to {FORMAT_VERSION}: upgrade enecg"
+        )
+
+
 @dataclass
 class ExpertRef:
     """One expert of the ensemble: which published model, at which exact revision, with which adapter spec."""
@@ -89,6 +104,13 @@ class ExpertRef:
             "lora.on_experts is true (from the spec / family defaults)."
         },
     )
+    weights_sha256: str | None = field(
+        default=None,
+        metadata={
+            "help": "SHA-256 of the expert's weights file when the ensemble was saved: a reload refuses "
+            "other weights (a moved branch, a changed local folder)."
+        },
+    )
 
     def __post_init__(self) -> None:
         _check_name("expert", self.name)
@@ -99,6 +121,10 @@ class ExpertRef:
                 f"expert {self.name!r}: embedding_dim must be a positive int, got {self.embedding_dim!r}"
             )
         self.lora_target_modules = list(self.lora_target_modules)
+        if self.weights_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", str(self.weights_sha256)):
+            raise ValueError(
+                f"expert {self.name!r}: weights_sha256 must be 64 lower-case hex digits, got {self.weights_sha256!r}"
+            )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ExpertRef:
@@ -382,6 +408,10 @@ class EnsembleConfig:
     enecg_version: str = field(
         default_factory=_enecg_version, metadata={"help": "enecg version that wrote this."}
     )
+    format_version: int = field(
+        default=FORMAT_VERSION,
+        metadata={"help": "Major version of the saved layout; enecg refuses folders of a newer one."},
+    )
 
     def __post_init__(self) -> None:
         self.experts = [e if isinstance(e, ExpertRef) else ExpertRef.from_dict(e) for e in self.experts]
@@ -441,7 +471,9 @@ class EnsembleConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EnsembleConfig:
-        """Build from a mapping; unknown keys are errors at every level."""
+        """Build from a mapping; unknown keys are errors at every level, a newer ``format_version`` too."""
+        if isinstance(data, dict):
+            check_format_version(data.get("format_version", FORMAT_VERSION), data.get("enecg_version"))
         data = _check_keys(cls, data, "ensemble config")
         for key in ("experts", "tasks"):
             if key not in data:

@@ -18,8 +18,10 @@ Distributed training: with top-k routing some experts/heads get no gradient in a
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -126,6 +128,9 @@ class Ensemble(nn.Module):
                 if config.task_weighting == "uncertainty"
                 else None
             )
+        # task -> label -> decision threshold (binary/multilabel), e.g. fitted on validation data; saved as
+        # thresholds.json by save_pretrained and used by predict_records.
+        self.decision_thresholds: dict[str, dict[str, float]] = {}
         self._set_expert_modes()
 
     # -- structure -----------------------------------------------------------------------------------------------
@@ -469,6 +474,67 @@ class Ensemble(nn.Module):
         """Save one expert's branch as a standard peft adapter folder (requires LoRA)."""
         self.branch(expert_name)
         return save_adapter(self.branches[expert_name], directory)
+
+    # -- sharing and record-level prediction (thin wrappers: see enecg.ensemble.serialization / .prediction) -----
+
+    def save_pretrained(self, directory: str | os.PathLike, **kwargs: Any) -> Path:
+        """Save config, trainable weights, peft adapters and card into ``directory``
+        (:func:`enecg.ensemble.serialization.save_pretrained`)."""
+        from enecg.ensemble.serialization import save_pretrained
+
+        return save_pretrained(self, directory, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        id_or_dir: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool | None = None,
+        expert_overrides: Mapping[str, str | os.PathLike] | None = None,
+    ) -> Ensemble:
+        """Load a saved ensemble from a folder or a Hub repo, each expert at its recorded revision
+        (:func:`enecg.ensemble.serialization.from_pretrained`)."""
+        from enecg.ensemble.serialization import from_pretrained
+
+        return from_pretrained(
+            id_or_dir,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            expert_overrides=expert_overrides,
+        )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool = False,
+        token: str | None = None,
+        commit_message: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Save and upload to the Hub in one commit (:func:`enecg.hub.publish.push_ensemble`); main process only."""
+        from enecg.hub.publish import push_ensemble  # the hub layer sits above this one: imported on use
+
+        return push_ensemble(
+            self, repo_id, private=private, token=token, commit_message=commit_message, **kwargs
+        )
+
+    def predict_record(self, record: Any) -> dict[str, Any]:
+        """Combined predictions for one record (an ``ECGRecord`` or a WFDB record path): task ->
+        {label: probability}, or the value of a regression task."""
+        return self.predict_records([record])[0].predictions()
+
+    def predict_records(self, records: Any, **kwargs: Any) -> list[Any]:
+        """Per record: combined and per-expert predictions, gate weights and decisions
+        (:func:`enecg.ensemble.prediction.predict_records`)."""
+        from enecg.ensemble.prediction import predict_records
+
+        return predict_records(self, records, **kwargs)
 
 
 def _check_expert(name: str, expert: nn.Module, dim: int, hub_id: str, revision: str | None) -> None:
