@@ -397,3 +397,21 @@ def test_card_parses_and_its_snippet_runs(
     )
     assert "superclass" in stdout.getvalue()
     assert (tmp_path / "user-cache").is_dir()
+
+
+def test_cli_push_of_a_saved_ensemble_names_the_target_repo(
+    online: LocalHub, published, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import ModelCard, hf_hub_download
+
+    from enecg.cli import main
+
+    saved = tmp_path / "saved"
+    published.model.save_pretrained(saved)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    target = f"{ORG}/cli-pushed-ensemble"
+    assert main(["push", str(saved), target]) == 0
+    card = ModelCard.load(hf_hub_download(target, "README.md", cache_dir=tmp_path / "c", token=TOKEN))
+    assert f'from_pretrained("{target}")' in card.text
+    loaded = Ensemble.from_pretrained(target, cache_dir=tmp_path / "c2", token=TOKEN)
+    assert_bit_identical(full_output(loaded, published.batch), published.expected)

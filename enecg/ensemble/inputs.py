@@ -73,7 +73,7 @@ class EnsembleInputBuilder:
                 raise ValueError(f"expert {name!r} has no input contract (attribute `contract`)")
             contracts[name] = contract
         gate = ensemble.config.gate
-        return cls(contracts, gate.input_contract if gate.input == "signal" else None)
+        return cls(contracts, gate.input_contract() if gate.input == "signal" else None)
 
     def __call__(self, records: Sequence[ECGRecord]) -> EnsembleBatch:
         records = list(records)

@@ -6,6 +6,8 @@ enecg push OUTPUT_DIR ORG/NAME [--private] [--token TOKEN] [--message MSG] [--re
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 from enecg.hub.push import ALLOW_PATTERNS, push_folder
 
@@ -42,16 +44,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_push)
 
 
+def _is_ensemble_folder(folder: str) -> bool:
+    """A folder written by ``Ensemble.save_pretrained`` (its config lists experts and tasks)."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and {"experts", "tasks", "format_version"} <= set(config)
+
+
 def run_push(args: argparse.Namespace) -> int:
-    result = push_folder(
-        args.output_dir,
-        args.repo_id,
+    options = dict(
         private=args.private,
         token=args.token,
         commit_message=args.message,
         revision=args.revision,
         validate=args.validate,
     )
+    if _is_ensemble_folder(args.output_dir):
+        # Ensembles go through push_ensemble so the card's loading snippet names the target repo.
+        from enecg.hub.publish import push_ensemble
+
+        result = push_ensemble(args.output_dir, args.repo_id, **options)
+    else:
+        result = push_folder(args.output_dir, args.repo_id, **options)
     assert result is not None  # the CLI is a single process
     state = "pushed" if result.changed else "already up to date"
     print(f"{result.repo_id}: {state}, {len(result.files)} files at commit {result.commit_sha}")
