@@ -175,3 +175,17 @@ def test_evaluate_task_uses_validation_thresholds_and_is_json() -> None:
                         bootstrap=BootstrapConfig(n_resamples=20))
     assert reg["metrics"]["mae"] == pytest.approx(5 / 3)
     json.dumps(reg, allow_nan=False)
+
+
+def test_disabled_bootstrap_keeps_the_shape() -> None:
+    from enecg.evaluation.report import render_html
+    from enecg.evaluation.task_eval import evaluate_task
+
+    off = BootstrapConfig(n_resamples=0)
+    assert bootstrap_ci(lambda idx: 1.0, 4, None, off) == (math.nan, math.nan)
+    assert bootstrap_ci(lambda idx: {"a": 1.0, "b": 2.0}, 4, None, off) == {"a": (math.nan, math.nan),
+                                                                            "b": (math.nan, math.nan)}
+    y = np.array([0, 1, 0, 1, 1], dtype=float)
+    res = evaluate_task("binary", ["pos"], y, np.array([0.2, 0.8, 0.3, 0.6, 0.9]), bootstrap=off)
+    assert res["ci"]["macro_auroc"] == [None, None]
+    assert "Task: t" in render_html({"tasks": {"t": res}})  # renders without CIs

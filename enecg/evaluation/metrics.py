@@ -256,9 +256,13 @@ def bootstrap_ci(
     Returns ``(low, high)`` (or a dict of them for dict statistics). Resamples where a statistic is undefined
     (NaN, e.g. AUROC of a resample with one class) are left out of that statistic's interval.
     """
-    if config.n_resamples <= 0:
-        return (math.nan, math.nan)
     group_index = _group_indices(n_records, groups)
+    if config.n_resamples <= 0:
+        # CIs disabled: keep the result's shape (a dict statistic still gets one entry per key).
+        point = statistic(np.arange(n_records))
+        if isinstance(point, dict):
+            return dict.fromkeys(point, (math.nan, math.nan))
+        return (math.nan, math.nan)
     rng = np.random.default_rng(config.seed)
     samples: list[float | dict[str, float]] = []
     for _ in range(config.n_resamples):

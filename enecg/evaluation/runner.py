@@ -1,0 +1,663 @@
+"""Evaluate an ensemble on a prepared dataset: metrics, baselines, gate statistics, figures and the report.
+
+:func:`evaluate_ensemble` runs the model over the evaluated split and the validation split (thresholds and the
+calibration temperature are fitted there, see :mod:`enecg.evaluation.task_eval`) and evaluates, per task:
+
+* the ensemble;
+* each expert alone (its own heads' predictions, ``EnsembleOutput.expert_predictions``);
+* a uniform average of the experts, combined with the ensemble's own rule (``gate.mix``) but equal weights, so
+  the gain of the learned gate over plain averaging is visible;
+* optionally the same model on other datasets through a label map (:mod:`enecg.evaluation.cross_dataset`).
+
+It then renders ROC/PR and calibration curves per task, the gate's weight distribution per expert and task, and a
+paper-style 12-lead rendering of a few test records with every expert's prediction and the gate's weights, and
+writes ``report.json`` + ``report.html`` (:func:`enecg.evaluation.report.write_report`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from torch import Tensor
+
+from enecg import __version__ as ENECG_VERSION
+from enecg.data.build import load_dataset_dir
+from enecg.data.rows import label_arrays, row_to_record
+from enecg.data.schema import DatasetMeta, TaskInfo
+from enecg.ensemble.inputs import EnsembleBatch, EnsembleInputBuilder
+from enecg.ensemble.model import Ensemble, EnsembleOutput
+from enecg.evaluation.cross_dataset import evaluate_cross_dataset, plan_cross_dataset, task_label_names
+from enecg.evaluation.metrics import BootstrapConfig, OperatingPoint
+from enecg.evaluation.plots import plot_calibration, plot_ecg_12lead, plot_gate_weights, plot_roc_pr
+from enecg.evaluation.report import write_report
+from enecg.evaluation.task_eval import evaluate_task
+
+logger = logging.getLogger(__name__)
+
+UNIFORM_BASELINE = "uniform average"
+FIGURES_DIR = "figures"
+EXAMPLES_DIR = "examples"
+_RECORD_COLUMNS = ("record_id", "patient_id", "source", "signal", "fs", "leads", "age", "sex", "split")
+
+
+@dataclass
+class SplitPredictions:
+    """Everything the model said about the records of one split, in record order.
+
+    ``...`` is ``K`` outputs for multilabel/multiclass tasks and nothing for binary/regression; E experts in the
+    ensemble's order.
+    """
+
+    record_ids: list[str] = field(default_factory=list)
+    patient_ids: list[str] = field(default_factory=list)
+    labels: dict[str, np.ndarray] = field(
+        default_factory=dict, metadata={"help": "task -> (N, ...), NaN missing"}
+    )
+    predictions: dict[str, np.ndarray] = field(default_factory=dict, metadata={"help": "ensemble, (N, ...)"})
+    expert_predictions: dict[str, np.ndarray] = field(default_factory=dict, metadata={"help": "(N, E, ...)"})
+    uniform_predictions: dict[str, np.ndarray] = field(default_factory=dict, metadata={"help": "(N, ...)"})
+    gate_weights: dict[str, np.ndarray] = field(default_factory=dict, metadata={"help": "(N, E)"})
+
+    def __len__(self) -> int:
+        return len(self.record_ids)
+
+
+# ------------------------------------------------------------------------------------------ running the model
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    parameter = next(module.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _expert_and_uniform_logits(
+    ensemble: Ensemble, batch: EnsembleBatch, output: EnsembleOutput
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Every expert's own logits ``(B, E, ...)`` on every record (also where sparse routing skipped it), and the
+    logits of the equal-weight combination of all experts (the ensemble's own rule with a uniform gate)."""
+    names = ensemble.expert_names
+    if ensemble.combine_embeddings:
+        # An expert alone = the shared head on that expert's projection; the uniform baseline = the shared head on
+        # the mean projection.
+        embeddings = ensemble.embed(batch.expert_inputs, batch.demographics, batch.window_masks)
+        projections = [ensemble.branch(n).project(embeddings[n]) for n in names]
+        mean_projection = torch.stack(projections, dim=1).mean(dim=1)
+        expert_logits = {
+            t: torch.stack([_shared_head(ensemble, t, p) for p in projections], dim=1) for t in ensemble.tasks
+        }
+        return expert_logits, {t: _shared_head(ensemble, t, mean_projection) for t in ensemble.tasks}
+    if bool(output.routed.all()):
+        expert_logits = (
+            output.expert_logits
+        )  # dense routing: forward already ran every expert on every record
+    else:
+        embeddings = ensemble.embed(batch.expert_inputs, batch.demographics, batch.window_masks)
+        per_expert = [ensemble.branch(n).head_logits(embeddings[n]) for n in names]
+        expert_logits = {t: torch.stack([p[t] for p in per_expert], dim=1) for t in ensemble.tasks}
+    n_records, n_experts = output.routed.shape
+    weights = torch.full((n_records, n_experts), 1.0 / n_experts, device=output.routed.device)
+    mix = ensemble.config.gate.mix
+    uniform = {
+        t: task.combine(expert_logits[t], weights, weights.log(), mix) for t, task in ensemble.tasks.items()
+    }
+    return expert_logits, uniform
+
+
+def _shared_head(ensemble: Ensemble, task: str, x: Tensor) -> Tensor:
+    logits = ensemble.shared_heads[task](x)
+    return logits.squeeze(-1) if ensemble.tasks[task].is_scalar else logits
+
+
+@torch.no_grad()
+def collect_predictions(
+    ensemble: Ensemble,
+    part: datasets.Dataset,
+    label_tasks: Sequence[TaskInfo] = (),
+    *,
+    batch_size: int = 32,
+) -> SplitPredictions:
+    """Run ``ensemble`` (eval mode) over every record of ``part`` and collect its outputs and ``label_tasks``' labels.
+
+    The model's mode is restored afterwards. Records are prepared with each expert's (and the gate's) contract by
+    :class:`~enecg.ensemble.inputs.EnsembleInputBuilder`, in batches of ``batch_size``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if len(part) == 0:
+        raise ValueError("cannot collect predictions on an empty dataset part")
+    builder = EnsembleInputBuilder.for_ensemble(ensemble)
+    device = _device_of(ensemble)
+    # dict.fromkeys: a task may be a base column itself (PTB-XL's ``age``/``sex``).
+    columns = [
+        c for c in dict.fromkeys((*_RECORD_COLUMNS, *(t.name for t in label_tasks))) if c in part.column_names
+    ]
+    missing = [t.name for t in label_tasks if t.name not in part.column_names]
+    if missing:
+        raise ValueError(f"dataset part has no label columns {missing}")
+    table = part.select_columns(columns).with_format("numpy")
+    chunks: dict[str, dict[str, list[np.ndarray]]] = {
+        k: {} for k in ("labels", "predictions", "expert_predictions", "uniform_predictions", "gate_weights")
+    }
+    out = SplitPredictions()
+    was_training = ensemble.training
+    ensemble.eval()
+    try:
+        for start in range(0, len(table), batch_size):
+            batch_columns = table[start : start + batch_size]
+            n = len(batch_columns["record_id"])
+            rows = [{name: values[i] for name, values in batch_columns.items()} for i in range(n)]
+            records = [row_to_record(row) for row in rows]
+            batch = builder(records).to(device)
+            output = ensemble(
+                batch.expert_inputs, batch.gate_input, batch.demographics, window_masks=batch.window_masks
+            )
+            expert_logits, uniform = _expert_and_uniform_logits(ensemble, batch, output)
+            for name, task in ensemble.tasks.items():
+                _append(chunks["predictions"], name, output.predictions[name])
+                _append(chunks["expert_predictions"], name, task.predict(expert_logits[name]))
+                _append(chunks["uniform_predictions"], name, task.predict(uniform[name]))
+                _append(chunks["gate_weights"], name, output.gate_weights[name])
+            for name, values in label_arrays(rows, list(label_tasks)).items():
+                chunks["labels"].setdefault(name, []).append(values)
+            out.record_ids.extend(str(r.record_id) for r in records)
+            out.patient_ids.extend(str(r.patient_id) for r in records)
+    finally:
+        ensemble.train(was_training)
+    for key, per_task in chunks.items():
+        setattr(out, key, {name: np.concatenate(parts, axis=0) for name, parts in per_task.items()})
+    return out
+
+
+def _append(store: dict[str, list[np.ndarray]], name: str, tensor: Tensor) -> None:
+    store.setdefault(name, []).append(tensor.detach().float().cpu().numpy())
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+def _model_tasks(ensemble: Ensemble, meta: DatasetMeta, where: str) -> tuple[list[TaskInfo], list[str]]:
+    """The model's tasks that the dataset carries, as TaskInfos named like the model's outputs, and the skipped.
+
+    Label sets must agree; a binary task may be named by both classes in the dataset (``[neg, pos]``) and by its
+    positive class in the model.
+    """
+    infos, skipped = [], []
+    by_name = {t.name: t for t in meta.tasks}
+    for config in ensemble.config.tasks:
+        info = by_name.get(config.name)
+        if info is None:
+            skipped.append(config.name)
+            continue
+        outputs = list(config.label_names) or [config.name]
+        dataset_outputs = task_label_names(info)
+        compatible = info.type == config.type and (
+            config.type == "regression"
+            or outputs == dataset_outputs
+            or (config.type == "binary" and (not config.label_names or not info.names))
+        )
+        if not compatible:
+            raise ValueError(
+                f"{where}: task {config.name!r} is {info.type} {list(info.names)} in the dataset but "
+                f"{config.type} {list(config.label_names)} in the model"
+            )
+        infos.append(TaskInfo(name=config.name, type=config.type, names=outputs, unit=info.unit))
+    if not infos:
+        raise ValueError(
+            f"{where}: none of the model's tasks {ensemble.config.task_names} is in the dataset "
+            f"(tasks: {[t.name for t in meta.tasks]})"
+        )
+    return infos, skipped
+
+
+def _part(dataset: datasets.DatasetDict, name: str, where: str) -> datasets.Dataset:
+    if name not in dataset:
+        raise ValueError(f"{where}: no split part {name!r}; parts: {sorted(dataset)}")
+    return dataset[name]
+
+
+def _all_parts(dataset: datasets.DatasetDict) -> datasets.Dataset:
+    return datasets.concatenate_datasets([dataset[name] for name in sorted(dataset)])
+
+
+def _evaluate_arrays(
+    task: TaskInfo,
+    test_true: np.ndarray,
+    test_pred: np.ndarray,
+    val: tuple[np.ndarray, np.ndarray] | None,
+    groups: Sequence[str],
+    operating_point: OperatingPoint,
+    bootstrap: BootstrapConfig,
+) -> dict[str, Any]:
+    return with_ci_mapping(
+        evaluate_task(
+            task.type,
+            task_label_names(task),
+            test_true,
+            test_pred,
+            val_true=None if val is None else val[0],
+            val_pred=None if val is None else val[1],
+            test_groups=groups,
+            operating_point=operating_point,
+            bootstrap=bootstrap,
+        )
+    )
+
+
+def with_ci_mapping(result: dict[str, Any]) -> dict[str, Any]:
+    """``result`` with ``ci`` always a mapping: without bootstrap resamples ``evaluate_task`` leaves a bare
+    ``(nan, nan)`` pair there, which readers of the report (``ci.get(name)``) cannot look up."""
+    if not isinstance(result.get("ci"), dict):
+        result = {**result, "ci": {}}
+    return result
+
+
+def _evaluate_rows(
+    *,
+    tasks: Sequence[TaskInfo],
+    test: SplitPredictions,
+    val: SplitPredictions | None,
+    pick: Callable[[SplitPredictions, str], np.ndarray],
+    operating_point: OperatingPoint,
+    bootstrap: BootstrapConfig,
+) -> dict[str, Any]:
+    """Task -> evaluation of one row of the report (the ensemble, an expert, a baseline): the predictions
+    ``pick(split, task)`` on the test split, thresholds and temperature fitted on ``pick(val, task)``."""
+    return {
+        task.name: _evaluate_arrays(
+            task,
+            test.labels[task.name],
+            pick(test, task.name),
+            None if val is None else (val.labels[task.name], pick(val, task.name)),
+            test.patient_ids,
+            operating_point,
+            bootstrap,
+        )
+        for task in tasks
+    }
+
+
+def evaluate_ensemble(
+    ensemble: Ensemble,
+    dataset_dir: str | os.PathLike,
+    *,
+    split: str = "test",
+    val_split: str | None = "validation",
+    operating_point: OperatingPoint | None = None,
+    bootstrap: BootstrapConfig | None = None,
+    n_examples: int = 4,
+    out_dir: str | os.PathLike,
+    batch_size: int = 32,
+    cross_data: Sequence[str | os.PathLike] = (),
+    label_map: str = "ptbxl-cinc",
+    cross_split: str | None = None,
+    title: str | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``ensemble`` on ``split`` of a prepared dataset and write the report into ``out_dir``.
+
+    Args:
+        val_split: the part where thresholds (``operating_point``) and the temperature are fitted; None (or a
+            dataset without it) falls back to 0.5 thresholds and no temperature, which the report states.
+        bootstrap: patient-level bootstrap (CIs for the ensemble, each expert, the baseline and cross-dataset
+            rows; its cost grows with their number).
+        n_examples: test records rendered as 12-lead ECGs with their predictions and gate weights.
+        cross_data: other prepared datasets to evaluate the same model on through ``label_map``
+            (:data:`~enecg.evaluation.cross_dataset.LABEL_MAPS`); ``cross_split``: their part to use (None: all
+            records, the usual external-validation protocol).
+
+    Returns the evaluation dictionary written to ``report.json`` (shape: :mod:`enecg.evaluation.report`).
+    """
+    operating_point = operating_point or OperatingPoint()
+    bootstrap = bootstrap or BootstrapConfig()
+    out_dir = Path(out_dir)
+    dataset, meta = load_dataset_dir(dataset_dir)
+    where = str(dataset_dir)
+    tasks, skipped = _model_tasks(ensemble, meta, where)
+    test_part = _part(dataset, split, where)
+    if len(test_part) == 0:
+        raise ValueError(f"{where}: split part {split!r} is empty")
+    logger.info("Evaluating on %s/%s (%d records)", where, split, len(test_part))
+    test = collect_predictions(ensemble, test_part, tasks, batch_size=batch_size)
+    val: SplitPredictions | None = None
+    if val_split is not None and val_split in dataset and len(dataset[val_split]) > 0:
+        val = collect_predictions(ensemble, dataset[val_split], tasks, batch_size=batch_size)
+    elif val_split is not None:
+        logger.warning(
+            "%s has no part %r (or it is empty): thresholds default to 0.5, no temperature is fitted",
+            where,
+            val_split,
+        )
+
+    experts = list(ensemble.expert_names)
+    common = dict(tasks=tasks, test=test, val=val, operating_point=operating_point, bootstrap=bootstrap)
+    results = _evaluate_rows(pick=lambda sp, t: sp.predictions[t], **common)
+    expert_results = {
+        expert: _evaluate_rows(pick=lambda sp, t, e=e: sp.expert_predictions[t][:, e], **common)
+        for e, expert in enumerate(experts)
+    }
+    uniform_results = _evaluate_rows(pick=lambda sp, t: sp.uniform_predictions[t], **common)
+
+    figures = _task_figures(tasks, test, out_dir)
+    gate = gate_statistics(test, experts, [t.name for t in tasks])
+    plot_gate_weights(
+        {t.name: test.gate_weights[t.name] for t in tasks}, experts, out_dir / FIGURES_DIR / "gate.png"
+    )
+    figures.append(
+        {
+            "path": f"{FIGURES_DIR}/gate.png",
+            "section": "gate",
+            "caption": "Gate weight per record, by expert and task (box: quartiles; triangle: mean)",
+        }
+    )
+
+    cross_results: dict[str, dict[str, Any]] = {}
+    cross_plans: list[dict[str, Any]] = []
+    for target_dir in cross_data:
+        plan_dict, rows, cross_figures = _cross_dataset(
+            ensemble,
+            meta,
+            target_dir,
+            label_map,
+            cross_split,
+            split,
+            test,
+            val,
+            tasks,
+            operating_point,
+            bootstrap,
+            batch_size,
+            out_dir,
+        )
+        cross_plans.append(plan_dict)
+        cross_results.update(rows)
+        figures.extend(cross_figures)
+
+    examples = _examples(ensemble, test_part, tasks, test, n_examples, out_dir)
+    evaluation: dict[str, Any] = {
+        "title": title or f"enecg evaluation: {meta.source} {split}",
+        "dataset": _dataset_name(meta, dataset_dir),
+        "split": split,
+        "validation_split": val_split if val is not None else None,
+        "n_records": len(test),
+        "n_patients": len(set(test.patient_ids)),
+        "enecg_version": ENECG_VERSION,
+        "model": {
+            "enecg_version": ensemble.config.enecg_version,
+            "experts": [
+                {"name": r.name, "hub_id": r.hub_id, "revision": r.revision} for r in ensemble.config.experts
+            ],
+            "gate": {
+                "input": ensemble.config.gate.input,
+                "combine": ensemble.config.gate.combine,
+                "mix": ensemble.config.gate.mix,
+                "top_k": ensemble.config.gate.top_k,
+            },
+        },
+        "operating_point": asdict(operating_point),
+        "bootstrap": asdict(bootstrap),
+        "skipped_tasks": skipped,
+        "tasks": results,
+        "experts": expert_results,
+        "baselines": {UNIFORM_BASELINE: uniform_results},
+        "gate": gate,
+        "cross_dataset": cross_results,
+        "cross_dataset_plans": cross_plans,
+        "examples": examples,
+        "figures": figures,
+    }
+    evaluation = _jsonable(evaluation)
+    write_report(evaluation, out_dir)
+    return evaluation
+
+
+def gate_statistics(
+    predictions: SplitPredictions, experts: Sequence[str], tasks: Sequence[str]
+) -> dict[str, Any]:
+    """Mean and standard deviation of each expert's gate weight per task, and how often it has the top weight."""
+    mean, std, top = {}, {}, {}
+    for task in tasks:
+        weights = predictions.gate_weights[task]
+        argmax = weights.argmax(axis=1)
+        mean[task] = {e: float(weights[:, i].mean()) for i, e in enumerate(experts)}
+        std[task] = {e: float(weights[:, i].std()) for i, e in enumerate(experts)}
+        top[task] = {e: float((argmax == i).mean()) for i, e in enumerate(experts)}
+    return {"mean_weights": mean, "std_weights": std, "top_weight_share": top}
+
+
+# ------------------------------------------------------------------------------------------------- figures
+
+
+def _one_hot(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """Class indices (NaN missing) -> one-hot rows (all-NaN where missing), for per-class curves."""
+    out = np.full((len(labels), n_classes), np.nan)
+    known = ~np.isnan(labels)
+    out[known] = np.eye(n_classes)[labels[known].astype(int)]
+    return out
+
+
+def _task_figures(tasks: Sequence[TaskInfo], test: SplitPredictions, out_dir: Path) -> list[dict[str, str]]:
+    figures = []
+    for task in tasks:
+        if task.type == "regression":
+            continue  # MAE/RMSE/R² with CIs are in the table; no curve applies
+        y, p = test.labels[task.name], test.predictions[task.name]
+        if task.type == "multiclass":
+            y = _one_hot(y, len(task.names))
+        names = task_label_names(task)
+        roc = f"{FIGURES_DIR}/roc_pr_{task.name}.png"
+        cal = f"{FIGURES_DIR}/calibration_{task.name}.png"
+        plot_roc_pr(y, p, names, task.name, out_dir / roc)
+        plot_calibration(y, p, task.name, out_dir / cal)
+        figures.append(
+            {
+                "path": roc,
+                "section": task.name,
+                "caption": f"{task.name}: ROC and precision-recall curves per label (ensemble)",
+            }
+        )
+        figures.append(
+            {
+                "path": cal,
+                "section": task.name,
+                "caption": f"{task.name}: reliability diagram, labels pooled (ensemble, before temperature)",
+            }
+        )
+    return figures
+
+
+# ------------------------------------------------------------------------------------------------ examples
+
+
+def _label_values(task: TaskInfo, values: np.ndarray, *, truth: bool = False) -> dict[str, float]:
+    """One record's values of a task as ``{label: value}``."""
+    names = task_label_names(task)
+    values = np.asarray(values, dtype=float)
+    if task.type == "multiclass" and truth:
+        if np.isnan(values).all():
+            return dict.fromkeys(names, math.nan)
+        return {name: float(int(values) == k) for k, name in enumerate(names)}
+    flat = values.reshape(-1)
+    return {name: float(flat[k]) for k, name in enumerate(names)}
+
+
+def choose_examples(tasks: Sequence[TaskInfo], labels: dict[str, np.ndarray], n: int) -> list[int]:
+    """Up to ``n`` test record indices: first one positive record per label of the classification tasks (so the
+    examples show different findings), then evenly spaced records."""
+    n_records = len(next(iter(labels.values()))) if labels else 0
+    chosen: list[int] = []
+    for task in tasks:
+        if task.type not in ("multilabel", "binary"):
+            continue
+        y = labels[task.name].reshape(n_records, -1)
+        for k in range(y.shape[1]):
+            positives = [i for i in np.flatnonzero(y[:, k] == 1) if i not in chosen]
+            if positives and len(chosen) < n:
+                chosen.append(int(positives[0]))
+    for i in np.linspace(0, n_records - 1, num=min(n, n_records)).round().astype(int):
+        if len(chosen) >= n:
+            break
+        if int(i) not in chosen:
+            chosen.append(int(i))
+    return chosen[:n]
+
+
+def _examples(
+    ensemble: Ensemble,
+    part: datasets.Dataset,
+    tasks: Sequence[TaskInfo],
+    test: SplitPredictions,
+    n_examples: int,
+    out_dir: Path,
+) -> list[dict[str, Any]]:
+    if n_examples <= 0:
+        return []
+    experts = list(ensemble.expert_names)
+    table = part.select_columns([c for c in _RECORD_COLUMNS if c in part.column_names]).with_format("numpy")
+    examples = []
+    for i in choose_examples(tasks, test.labels, n_examples):
+        record = row_to_record(table[i])
+        example: dict[str, Any] = {
+            "record_id": record.record_id,
+            "patient_id": record.patient_id,
+            "labels": {},
+            "predictions": {},
+            "expert_predictions": {},
+            "gate": {},
+        }
+        for task in tasks:
+            t = task.name
+            example["labels"][t] = _label_values(task, test.labels[t][i], truth=True)
+            example["predictions"][t] = _label_values(task, test.predictions[t][i])
+            example["expert_predictions"][t] = {
+                e: _label_values(task, test.expert_predictions[t][i, k]) for k, e in enumerate(experts)
+            }
+            example["gate"][t] = {e: float(test.gate_weights[t][i, k]) for k, e in enumerate(experts)}
+        image = f"{EXAMPLES_DIR}/{_safe(record.record_id)}.png"
+        plot_ecg_12lead(
+            record.signal, record.fs, record.leads, _example_title(example, tasks), out_dir / image
+        )
+        example["image"] = image
+        examples.append(example)
+    return examples
+
+
+def _example_title(example: dict[str, Any], tasks: Sequence[TaskInfo]) -> str:
+    """One line: the record, its most probable findings per task, and the gate's weights."""
+    parts = []
+    for task in tasks:
+        preds = example["predictions"][task.name]
+        if task.type == "regression":
+            parts.append(f"{task.name} {next(iter(preds.values())):.1f}")
+            continue
+        top = sorted(preds.items(), key=lambda kv: -kv[1])[:2]
+        parts.append(f"{task.name}: " + ", ".join(f"{k} {v:.2f}" for k, v in top))
+    first = tasks[0].name
+    gate = ", ".join(f"{e} {w:.2f}" for e, w in example["gate"][first].items())
+    return f"{example['record_id']}  |  " + "; ".join(parts) + f"  |  gate ({first}): {gate}"
+
+
+def _dataset_name(meta: DatasetMeta, directory: str | os.PathLike) -> str:
+    """``source (folder)``, or just the source when the folder has its name."""
+    folder = Path(directory).name
+    return meta.source if folder == meta.source else f"{meta.source} ({folder})"
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+
+
+# ------------------------------------------------------------------------------------------- cross-dataset
+
+
+def _cross_dataset(
+    ensemble: Ensemble,
+    source_meta: DatasetMeta,
+    target_dir: str | os.PathLike,
+    label_map: str,
+    cross_split: str | None,
+    split: str,
+    test: SplitPredictions,
+    val: SplitPredictions | None,
+    tasks: Sequence[TaskInfo],
+    operating_point: OperatingPoint,
+    bootstrap: BootstrapConfig,
+    batch_size: int,
+    out_dir: Path,
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]], list[dict[str, str]]]:
+    target_dataset, target_meta = load_dataset_dir(target_dir)
+    target_name = _dataset_name(target_meta, target_dir)
+    plan = plan_cross_dataset(source_meta, target_meta, label_map, [t.name for t in tasks], target_name)
+    plan_dict = plan.to_dict() | {"dataset": str(target_dir), "split": cross_split or "all"}
+    if not plan.matches:
+        logger.warning("cross-dataset %s: %s", target_dir, "; ".join(plan.notes))
+        return plan_dict, {}, []
+    part = _part(target_dataset, cross_split, str(target_dir)) if cross_split else _all_parts(target_dataset)
+    target_tasks = [target_meta.task(name) for name in dict.fromkeys(m.target_task for m in plan.matches)]
+    logger.info("Cross-dataset evaluation on %s (%d records)", target_dir, len(part))
+    target = collect_predictions(ensemble, part, target_tasks, batch_size=batch_size)
+    plan_dict["n_records"] = len(target)
+    source_name = f"{source_meta.source} {split} (in-source, labels shared with {target_name})"
+    external_name = f"{target_name} {cross_split or 'all records'} (external)"
+    rows = evaluate_cross_dataset(
+        plan,
+        target_true=target.labels,
+        target_pred=target.predictions,
+        target_groups=target.patient_ids,
+        source_true=test.labels,
+        source_pred=test.predictions,
+        source_groups=test.patient_ids,
+        source_val_true=None if val is None else val.labels,
+        source_val_pred=None if val is None else val.predictions,
+        operating_point=operating_point,
+        bootstrap=bootstrap,
+        source_name=source_name,
+        target_name=external_name,
+    )
+    rows = {name: {key: with_ci_mapping(r) for key, r in per_key.items()} for name, per_key in rows.items()}
+    figures = []
+    for match in plan.matches:
+        y = np.asarray(target.labels[match.target_task], float).reshape(len(target), -1)[
+            :, match.target_index
+        ]
+        p = np.asarray(target.predictions[match.model_task], float).reshape(len(target), -1)[
+            :, match.model_index
+        ]
+        path = f"{FIGURES_DIR}/cross_{_safe(target_meta.source)}_{_safe(Path(target_dir).name)}_{_safe(match.key)}.png"
+        plot_roc_pr(y, p, match.label_names, f"{match.key} on {target_name}", out_dir / path)
+        figures.append(
+            {
+                "path": path,
+                "section": "cross_dataset",
+                "caption": f"{match.key} on {target_name}: ROC/PR of the shared labels (external)",
+            }
+        )
+    return plan_dict, rows, figures
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain JSON types: numpy scalars -> Python, NaN/inf -> None (JSON has no NaN), tuples -> lists."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(float(obj)) else None
+    return obj
