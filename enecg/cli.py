@@ -15,6 +15,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "enecg.data.cli",
     "enecg.experts.cli",
     "enecg.hub.cli",
+    "enecg.pretraining.cli",
+    "enecg.evaluation.cli",
+    "enecg.training.cli",
 )
 
 

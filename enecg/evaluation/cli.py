@@ -1,0 +1,232 @@
+"""``enecg evaluate`` (clinical evaluation + HTML report) and ``enecg predict`` (per-record predictions, explained).
+
+enecg evaluate MODEL --data DIR [--split test] [--out DIR] [--operating-point max_f1|sensitivity:0.9]
+               [--bootstrap N] [--cross-data DIR [--cross-data DIR ...] --label-map ptbxl-cinc] [--json]
+enecg predict RECORD.hea [RECORD ...] --model MODEL [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from enecg.evaluation.cross_dataset import LABEL_MAPS
+from enecg.evaluation.metrics import OperatingPoint
+
+
+def parse_operating_point(text: str) -> OperatingPoint:
+    """``max_f1`` or ``sensitivity:<target in (0, 1]>``."""
+    method, _, value = text.partition(":")
+    if method == "max_f1" and not value:
+        return OperatingPoint("max_f1")
+    if method == "sensitivity" and value:
+        try:
+            target = float(value)
+        except ValueError:
+            target = float("nan")
+        if 0.0 < target <= 1.0:
+            return OperatingPoint("sensitivity", target)
+    raise argparse.ArgumentTypeError(
+        f"operating point {text!r}: expected 'max_f1' or 'sensitivity:T' with 0 < T <= 1 (e.g. sensitivity:0.9)"
+    )
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--revision", default=None, help="Revision (branch, tag, commit) of a Hub model.")
+    parser.add_argument("--batch-size", type=int, default=32, help="Records per forward pass (default 32).")
+    parser.add_argument(
+        "--device", default=None, help="torch device (default: cuda when available, else cpu)."
+    )
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    evaluate = subparsers.add_parser(
+        "evaluate",
+        help="Evaluate a trained ensemble on a prepared dataset; write report.json + report.html.",
+        description=(
+            "Per task and label: AUROC, AUPRC, F1, sensitivity, specificity, PPV, NPV at an operating point chosen "
+            "on the validation split, with patient-level bootstrap 95%% CIs; macro/micro aggregates; MAE/RMSE/R² "
+            "for regression; calibration (ECE, temperature fitted on validation). Each expert alone and a uniform "
+            "average of the experts are evaluated the same way. The report has ROC/PR and calibration curves, the "
+            "gate's weights and 12-lead renderings of example records."
+        ),
+    )
+    evaluate.add_argument("model", metavar="MODEL", help="Saved ensemble folder or Hub ID (ORG/NAME).")
+    evaluate.add_argument("--data", required=True, help="Prepared dataset folder (`enecg data prepare`).")
+    evaluate.add_argument("--split", default="test", help="Part to evaluate (default test).")
+    evaluate.add_argument(
+        "--val-split",
+        default="validation",
+        help="Part where thresholds and the temperature are fitted (default validation; 'none': 0.5 thresholds).",
+    )
+    evaluate.add_argument("--out", default=None, help="Report folder (default ./evaluation-<split>).")
+    evaluate.add_argument(
+        "--operating-point",
+        type=parse_operating_point,
+        default=OperatingPoint(),
+        metavar="max_f1|sensitivity:T",
+        help="How thresholds are chosen on validation: max F1 (default), or the highest threshold reaching "
+        "sensitivity T.",
+    )
+    evaluate.add_argument(
+        "--bootstrap",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="Patient-level bootstrap resamples for the CIs (default 1000; 0: none).",
+    )
+    evaluate.add_argument("--seed", type=int, default=0, help="Bootstrap seed (default 0).")
+    evaluate.add_argument(
+        "--examples",
+        type=int,
+        default=4,
+        metavar="N",
+        help="Test records rendered as 12-lead ECGs with their predictions (default 4).",
+    )
+    evaluate.add_argument(
+        "--cross-data",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="Another prepared dataset to evaluate on through --label-map (repeatable).",
+    )
+    evaluate.add_argument(
+        "--label-map",
+        choices=LABEL_MAPS,
+        default="ptbxl-cinc",
+        help="How labels of the two sources correspond (default ptbxl-cinc: PTB-XL SCP "
+        "statements <-> SNOMED CT; identity: same label names).",
+    )
+    evaluate.add_argument(
+        "--cross-split",
+        default=None,
+        help="Part of the --cross-data datasets to use (default: all their records).",
+    )
+    evaluate.add_argument("--title", default=None, help="Report title.")
+    evaluate.add_argument(
+        "--json", action="store_true", help="Print the evaluation JSON instead of a summary."
+    )
+    _add_model_options(evaluate)
+    evaluate.set_defaults(func=run_evaluate)
+
+    predict = subparsers.add_parser(
+        "predict",
+        help="Predict every task for ECG records, with each expert's prediction and the gate's weights.",
+        description="Read WFDB/CinC records (.hea + .dat/.mat) and print the ensemble's predictions, explained.",
+    )
+    predict.add_argument(
+        "records", nargs="+", metavar="RECORD", help="Record header (.hea) or path without suffix."
+    )
+    predict.add_argument("--model", required=True, help="Saved ensemble folder or Hub ID (ORG/NAME).")
+    predict.add_argument(
+        "--json",
+        action="store_true",
+        help="Print a JSON list: per record and task the prediction, each expert's, gate weights.",
+    )
+    _add_model_options(predict)
+    predict.set_defaults(func=run_predict)
+
+
+def _load_model(args: argparse.Namespace) -> Any:
+    import torch
+
+    from enecg.ensemble.serialization import from_pretrained
+
+    ensemble = from_pretrained(args.model, revision=args.revision)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return ensemble.to(device)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from enecg.evaluation.metrics import BootstrapConfig
+    from enecg.evaluation.report import headline
+    from enecg.evaluation.runner import UNIFORM_BASELINE, evaluate_ensemble
+
+    if args.bootstrap < 0:
+        raise ValueError(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    out = Path(args.out or f"evaluation-{args.split}")
+    ensemble = _load_model(args)
+    evaluation = evaluate_ensemble(
+        ensemble,
+        args.data,
+        split=args.split,
+        val_split=None if args.val_split.lower() == "none" else args.val_split,
+        operating_point=args.operating_point,
+        bootstrap=BootstrapConfig(n_resamples=args.bootstrap, seed=args.seed),
+        n_examples=args.examples,
+        out_dir=out,
+        batch_size=args.batch_size,
+        cross_data=args.cross_data,
+        label_map=args.label_map,
+        cross_split=args.cross_split,
+        title=args.title,
+    )
+    if args.json:
+        json.dump(evaluation, sys.stdout, indent=2, sort_keys=True)
+        print()
+        return 0
+    print(
+        f"{evaluation['dataset']} / {evaluation['split']}: {evaluation['n_records']} records, "
+        f"{evaluation['n_patients']} patients"
+    )
+    for task, result in evaluation["tasks"].items():
+        metric, value, ci = headline(result)
+        others = [(UNIFORM_BASELINE, evaluation["baselines"][UNIFORM_BASELINE].get(task))]
+        others += [(name, per_task.get(task)) for name, per_task in evaluation["experts"].items()]
+        compared = "; ".join(f"{name} {_number(headline(r)[1])}" for name, r in others if r)
+        print(f"  {task}: {metric} {_number(value)}{_interval(ci)}  ({compared})")
+    for source, per_task in evaluation["cross_dataset"].items():
+        for task, result in per_task.items():
+            metric, value, ci = headline(result)
+            print(f"  {source} / {task}: {metric} {_number(value)}{_interval(ci)}")
+    print(f"report: {out / 'report.html'} (data: {out / 'report.json'})")
+    return 0
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _interval(ci: Any) -> str:
+    if not ci or ci[0] is None or ci[1] is None:
+        return ""
+    return f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from enecg.ensemble.prediction import predict_records
+
+    ensemble = _load_model(args)
+    results = predict_records(ensemble, args.records, batch_size=args.batch_size)
+    if args.json:
+        json.dump([r.to_dict() for r in results], sys.stdout, indent=2)
+        print()
+        return 0
+    for path, result in zip(args.records, results):
+        print(f"{result.record_id} ({path})")
+        for name, task in result.tasks.items():
+            print(
+                f"  {name}: {_describe_value(task.prediction)}"
+                + (
+                    f"  -> positive: {', '.join(task.positive_labels) or 'none'}"
+                    if task.positive_labels is not None
+                    else ""
+                )
+                + (f"  -> {task.predicted_label}" if task.predicted_label else "")
+            )
+            for expert, weight in task.gate_weights.items():
+                print(f"    {expert} (gate {weight:.2f}): {_describe_value(task.experts.get(expert))}")
+    return 0
+
+
+def _describe_value(value: Any, top: int = 4) -> str:
+    """The most probable labels of a prediction (or the regression value)."""
+    if value is None:
+        return "not run (sparse routing)"
+    if isinstance(value, dict):
+        ranked = sorted(value.items(), key=lambda kv: -kv[1])[:top]
+        return ", ".join(f"{label} {p:.2f}" for label, p in ranked)
+    return f"{value:.2f}"

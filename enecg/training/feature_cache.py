@@ -1,0 +1,398 @@
+"""On-disk cache of frozen experts' embeddings: each expert runs once per record, not once per epoch.
+
+Frozen experts (no LoRA on their own layers) map a record to the same embedding in every epoch, and running a
+foundation model is by far the most expensive part of training heads and a gate. The cache stores each expert's
+pooled embedding ``(D,)`` per record; training then runs the ensemble with ``from_embeddings=True``.
+
+**Keys.** A cache *entry* is one expert as it embeds: ``(expert id, revision, contract digest, family, pooling,
+embedding size, dtype)`` hashed into the entry's folder name. The revision is the Hub commit sha, or for a local
+folder the SHA-256 of its weights file, so retrained weights never reuse stale features; the contract digest
+(:meth:`enecg.contract.InputContract.digest`) covers every preprocessing choice. Inside an entry, records are
+keyed by ``record_id#<hash of the signal, rate and leads>``, so a dataset rebuilt at another rate (same record
+ids) does not hit embeddings of the other signal. Anything that changes the key is a miss: invalidation is
+by construction, nothing is ever overwritten.
+
+**Layout.** ``<cache>/<expert>-<key digest>/manifest.json`` (the key in clear and the list of shards with their
+record keys) + ``shard-<hash>.safetensors`` (tensor ``embeddings``, float32 ``(n, D)``). A shard is written to a
+temporary file and renamed; the manifest is rewritten atomically under a file lock, so concurrent runs (or a run
+killed mid-write) never leave a half-written entry visible.
+
+**Processes.** The trainer fills the cache on the main process first (``accelerator.main_process_first()``);
+the other processes then find every record cached and only read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from enecg.data.rows import demographics_array, label_arrays
+from enecg.data.schema import TaskInfo, write_text_atomic
+from enecg.ensemble.inputs import EnsembleInputBuilder
+from enecg.record import ECGRecord
+from enecg.training.data import rows_to_records
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+MANIFEST_FILE = "manifest.json"
+_SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+_weights_digests: dict[tuple[str, int, int], str] = {}
+
+
+# ----------------------------------------------------------------------------------------------------- keys
+
+
+def record_key(record: ECGRecord) -> str:
+    """``record_id#<16 hex>``: the id plus a hash of the signal content, rate and lead names."""
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(record.signal, dtype=np.float32).tobytes())
+    digest.update(f"|{float(record.fs)!r}|{','.join(record.leads)}".encode())
+    return f"{record.record_id}#{digest.hexdigest()[:16]}"
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file (memoised per path, size and modification time)."""
+    path = Path(path)
+    stat = path.stat()
+    memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if memo not in _weights_digests:
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        _weights_digests[memo] = digest.hexdigest()
+    return _weights_digests[memo]
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """What determines an expert's embeddings (one cache entry per distinct key)."""
+
+    expert: str = field(metadata={"help": "Hub ID or local source of the expert."})
+    revision: str = field(
+        metadata={"help": "Hub commit sha, or 'sha256:<weights file hash>' for local files."}
+    )
+    contract_digest: str = field(metadata={"help": "InputContract.digest() of the expert's input contract."})
+    family: str = field(default="", metadata={"help": "Expert family (architecture code)."})
+    pooling: str = field(default="", metadata={"help": "How the family pools to one vector."})
+    embedding_dim: int = field(default=0, metadata={"help": "Size D of the embedding."})
+    dtype: str = field(default="float32", metadata={"help": "Precision the expert ran in."})
+    format: int = field(default=CACHE_FORMAT, metadata={"help": "Cache layout version."})
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:20]
+
+
+def expert_cache_key(expert: nn.Module) -> CacheKey:
+    """The cache key of a loaded :class:`~enecg.experts.expert.Expert` (its identity, revision and contract)."""
+    contract = getattr(expert, "contract", None)
+    if contract is None:
+        raise ValueError(f"{type(expert).__name__} has no input contract: its embeddings cannot be cached")
+    revision = getattr(expert, "revision", None)
+    if not revision:
+        weights = getattr(expert, "weights_path", None)
+        if weights is None or not Path(weights).is_file():
+            raise ValueError(
+                f"expert {getattr(expert, 'name', '?')!r} has neither a revision nor a weights file to hash"
+            )
+        revision = f"sha256:{file_digest(weights)}"
+    spec = getattr(expert, "spec", None)
+    source = getattr(expert, "hub_id", None) or getattr(expert, "source", None) or getattr(expert, "name", "")
+    return CacheKey(
+        expert=str(source),
+        revision=str(revision),
+        contract_digest=contract.digest(),
+        family=str(getattr(spec, "family", "")),
+        pooling=str(getattr(spec, "pooling", "")),
+        embedding_dim=int(getattr(expert, "embedding_dim", 0)),
+    )
+
+
+# --------------------------------------------------------------------------------------------------- entries
+
+
+class CacheEntry:
+    """One expert's cached embeddings (see the module docstring for the layout)."""
+
+    def __init__(self, directory: Path, key: CacheKey) -> None:
+        self.directory = directory
+        self.key = key
+        self._index: dict[str, tuple[str, int]] | None = None
+        self._shards: dict[str, Tensor] = {}
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.directory / MANIFEST_FILE
+
+    def read_manifest(self) -> dict[str, Any]:
+        path = self.manifest_path
+        if not path.is_file():
+            return {"key": asdict(self.key), "shards": []}
+        try:
+            manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: corrupt feature-cache manifest ({exc})") from None
+        if manifest.get("key") != asdict(self.key):
+            raise ValueError(f"{path}: manifest key {manifest.get('key')} does not match {asdict(self.key)}")
+        return manifest
+
+    def _load_index(self) -> dict[str, tuple[str, int]]:
+        if self._index is None:
+            index = {}
+            for shard in self.read_manifest()["shards"]:
+                for row, key in enumerate(shard["records"]):
+                    index[key] = (shard["file"], row)
+            self._index = index
+        return self._index
+
+    def __contains__(self, record: str) -> bool:
+        return record in self._load_index()
+
+    def __len__(self) -> int:
+        return len(self._load_index())
+
+    def get(self, records: Sequence[str]) -> Tensor:
+        """Embeddings ``(len(records), D)`` of cached records (KeyError for a missing one)."""
+        index = self._load_index()
+        out = torch.empty(len(records), self.key.embedding_dim, dtype=torch.float32)
+        for i, record in enumerate(records):
+            file, row = index[record]
+            out[i] = self._shard(file)[row]
+        return out
+
+    def _shard(self, file: str) -> Tensor:
+        if file not in self._shards:
+            path = self.directory / file
+            try:
+                tensor = load_file(str(path))["embeddings"]
+            except FileNotFoundError:
+                raise ValueError(f"{path}: shard listed in {MANIFEST_FILE} is missing") from None
+            if tensor.ndim != 2 or tensor.shape[1] != self.key.embedding_dim:
+                raise ValueError(
+                    f"{path}: embeddings of shape {tuple(tensor.shape)}, expected (n, {self.key.embedding_dim})"
+                )
+            self._shards[file] = tensor
+        return self._shards[file]
+
+    def add(self, records: Sequence[str], embeddings: Tensor) -> None:
+        """Store new embeddings (one shard) and list it in the manifest, atomically."""
+        if len(records) == 0:
+            return
+        embeddings = embeddings.detach().to(torch.float32).cpu().contiguous()
+        if embeddings.shape != (len(records), self.key.embedding_dim):
+            raise ValueError(
+                f"embeddings of shape {tuple(embeddings.shape)} for {len(records)} records, "
+                f"expected ({len(records)}, {self.key.embedding_dim})"
+            )
+        self.directory.mkdir(parents=True, exist_ok=True)
+        name = "shard-" + hashlib.sha256("\n".join(records).encode()).hexdigest()[:16] + ".safetensors"
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({"embeddings": embeddings}, tmp, metadata={"format": str(CACHE_FORMAT)})
+            os.replace(tmp, self.directory / name)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        with self._locked():
+            manifest = self.read_manifest()
+            manifest["shards"] = [s for s in manifest["shards"] if s["file"] != name]
+            manifest["shards"].append({"file": name, "records": list(records)})
+            write_text_atomic(self.manifest_path, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        self._index = None
+        self._shards[name] = embeddings
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(self.directory / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+class FeatureCache:
+    """A folder of :class:`CacheEntry` s, one per expert key."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+
+    def entry(self, key: CacheKey, name: str = "expert") -> CacheEntry:
+        safe = _SAFE.sub("_", name).strip("_")[:40] or "expert"
+        return CacheEntry(self.root / f"{safe}-{key.digest()}", key)
+
+    def entry_for(self, expert: nn.Module, name: str | None = None) -> CacheEntry:
+        return self.entry(expert_cache_key(expert), name or str(getattr(expert, "name", "expert")))
+
+
+# --------------------------------------------------------------------------------------------------- tables
+
+
+@dataclass
+class FeatureTable:
+    """Everything a part needs to train from cached embeddings, in row order; also the collate function.
+
+    Attributes:
+        embeddings: expert name -> ``(N, D)`` float32.
+        gate_input: ``(N, ...)`` signal-gate windows (recomputed with the gate's cheap contract), or None.
+        demographics: ``(N, 2)`` (age, sex), NaN = unknown.
+        labels: task -> ``(N,)`` / ``(N, K)``, NaN = missing.
+        record_ids / patient_ids: per row.
+        computed / reused: expert name -> records embedded now / read from the cache.
+    """
+
+    embeddings: dict[str, Tensor]
+    gate_input: Tensor | None
+    demographics: Tensor
+    labels: dict[str, Tensor]
+    record_ids: list[str]
+    patient_ids: list[str]
+    computed: dict[str, int] = field(default_factory=dict)
+    reused: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.record_ids)
+
+    def __call__(self, indices: Sequence[int]) -> dict[str, Any]:
+        rows = torch.as_tensor(list(indices), dtype=torch.long)
+        batch: dict[str, Any] = {
+            "index": rows,
+            "expert_inputs": {k: v.index_select(0, rows) for k, v in self.embeddings.items()},
+            "demographics": self.demographics.index_select(0, rows),
+            "labels": {k: v.index_select(0, rows) for k, v in self.labels.items()},
+        }
+        if self.gate_input is not None:
+            batch["gate_input"] = self.gate_input.index_select(0, rows)
+        return batch
+
+
+def build_feature_table(
+    ensemble: nn.Module,
+    part: datasets.Dataset,
+    tasks: Sequence[TaskInfo],
+    cache: FeatureCache | None,
+    *,
+    batch_size: int = 64,
+    progress: Callable[[int], None] | None = None,
+) -> FeatureTable:
+    """Embed every record of ``part`` with every expert of ``ensemble``, reading and filling ``cache``.
+
+    One pass over the records: per batch, record keys, demographics, labels and the gate's input are taken, and
+    each expert embeds only the records its cache entry lacks. New embeddings are stored as one shard per expert.
+    Experts run in fp32 and eval mode under ``no_grad`` (the cache must not depend on the run's precision).
+    With ``cache=None`` every record is embedded (nothing is written).
+    """
+    full = EnsembleInputBuilder.for_ensemble(ensemble)
+    expert_builders = {name: EnsembleInputBuilder({name: c}) for name, c in full.contracts.items()}
+    gate_builder = EnsembleInputBuilder({}, full.gate_contract) if full.gate_contract is not None else None
+    names = list(ensemble.expert_names)
+    entries = (
+        {name: cache.entry_for(ensemble.branch(name).expert, name) for name in names}
+        if cache is not None
+        else {}
+    )
+    wanted = ("record_id", "patient_id", "signal", "fs", "leads", "age", "sex", "source", "split")
+    columns = list(dict.fromkeys(c for c in (*wanted, *(t.name for t in tasks)) if c in part.column_names))
+    rows_view = part.select_columns(columns).with_format("numpy")
+
+    n = len(part)
+    keys: list[str] = []
+    record_ids: list[str] = []
+    patient_ids: list[str] = []
+    demographics, gate_inputs = [], []
+    label_parts: dict[str, list[np.ndarray]] = {t.name: [] for t in tasks}
+    new_keys: dict[str, list[str]] = {name: [] for name in names}
+    new_embeddings: dict[str, list[Tensor]] = {name: [] for name in names}
+    fresh: dict[str, dict[str, Tensor]] = {name: {} for name in names}
+    was_training = ensemble.training
+    ensemble.eval()
+    try:
+        for start in range(0, n, batch_size):
+            records, rows = rows_to_records(rows_view[start : start + batch_size])
+            batch_keys = [record_key(r) for r in records]
+            keys += batch_keys
+            record_ids += [r.record_id for r in records]
+            patient_ids += [r.patient_id for r in records]
+            demographics.append(_demographics(records))
+            for task, values in label_arrays(rows, tasks).items():
+                label_parts[task].append(values)
+            if gate_builder is not None:
+                gate_inputs.append(gate_builder(records).gate_input)
+            for name in names:
+                entry = entries.get(name)
+                missing = [i for i, k in enumerate(batch_keys) if entry is None or k not in entry]
+                missing = [i for i in missing if batch_keys[i] not in fresh[name]]
+                if not missing:
+                    continue
+                subset = [records[i] for i in missing]
+                prepared = expert_builders[name](subset)
+                with torch.no_grad():
+                    embedded = (
+                        ensemble.branch(name)
+                        .embed(
+                            prepared.expert_inputs[name].to(_device(ensemble)),
+                            prepared.demographics.to(_device(ensemble)),
+                            prepared.window_masks[name].to(_device(ensemble)),
+                        )
+                        .float()
+                        .cpu()
+                    )
+                for row, i in enumerate(missing):
+                    fresh[name][batch_keys[i]] = embedded[row]
+                new_keys[name] += [batch_keys[i] for i in missing]
+                new_embeddings[name].append(embedded)
+            if progress is not None:
+                progress(len(records))
+    finally:
+        ensemble.train(was_training)
+
+    embeddings, computed, reused = {}, {}, {}
+    for name in names:
+        computed[name] = len(new_keys[name])
+        reused[name] = n - computed[name]
+        entry = entries.get(name)
+        if entry is not None and new_keys[name]:
+            entry.add(new_keys[name], torch.cat(new_embeddings[name]))
+        if entry is not None:
+            embeddings[name] = entry.get(keys)
+        else:
+            embeddings[name] = torch.stack([fresh[name][k] for k in keys])
+    if cache is not None:
+        logger.info("feature cache %s: computed %s, reused %s", cache.root, computed, reused)
+    return FeatureTable(
+        embeddings=embeddings,
+        gate_input=torch.cat(gate_inputs) if gate_inputs else None,
+        demographics=torch.cat(demographics),
+        labels={task: torch.from_numpy(np.concatenate(parts)) for task, parts in label_parts.items()},
+        record_ids=record_ids,
+        patient_ids=patient_ids,
+        computed=computed,
+        reused=reused,
+    )
+
+
+def _demographics(records: Sequence[ECGRecord]) -> Tensor:
+    return torch.from_numpy(demographics_array(records))
+
+
+def _device(module: nn.Module) -> torch.device:
+    parameter = next(module.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")

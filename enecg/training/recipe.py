@@ -1,0 +1,655 @@
+"""Training recipes: one YAML file + ``--key=value`` overrides, parsed into typed dataclasses.
+
+A recipe has the sections ``data``, ``experts``, ``tasks``, ``model``, ``optim``, ``evaluation``, ``output``,
+``hub`` and ``tracking`` (see :class:`Recipe`; ``enecg train --help-recipe`` prints every key with its help).
+Command-line overrides use dotted keys and YAML values, as in alignment-handbook / trl recipes::
+
+    enecg train recipes/ptbxl_light_ensemble.yaml --optim.lr=3e-4 --model.gate.top_k=1 --experts.0.revision=abc
+
+Every key is checked against the dataclasses: an unknown key (in the file or on the command line) or a value of
+the wrong type is an error naming the key and where it came from, never silently ignored. The ensemble's own
+settings (``model.heads``, ``model.lora``, ``model.gate``) are the :mod:`enecg.ensemble.config` dataclasses
+themselves, so a recipe can set anything the ensemble supports and nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from enecg.ensemble.config import GateSettings, HeadSettings, LoraSettings
+from enecg.leads import STANDARD_12_LEADS
+
+COMMAND_LINE = "command line"
+FeatureCacheMode = Literal["auto", "on", "off"]
+MixedPrecision = Literal["no", "fp16", "bf16"]
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names the file (or the command line) and the key."""
+
+
+# ------------------------------------------------------------------------------------------------- sections
+
+
+@dataclass
+class LightExpertSpec:
+    """How to create an in-house light CNN expert when its folder does not exist yet (see
+    :mod:`enecg.training.light_experts`). Created experts are pretrained on the run's training parts only."""
+
+    architecture: str = field(
+        default="SimpleNet",
+        metadata={"help": "AttiaNet | DeepResidualCNN | ParallelCNN | ParallelCNNew | SimpleNet."},
+    )
+    width_multiplier: float = field(default=1.0, metadata={"help": "Scales every layer's channel count."})
+    embedding_dim: int = field(default=128, metadata={"help": "Size of the expert's embedding."})
+    fs: float = field(default=100.0, metadata={"help": "Sampling rate of the expert's input contract (Hz)."})
+    input_length: int = field(default=1000, metadata={"help": "Samples per input window."})
+    leads: list[str] = field(
+        default_factory=lambda: list(STANDARD_12_LEADS), metadata={"help": "Input leads, in order."}
+    )
+    scaling: str = field(
+        default="zscore_lead", metadata={"help": "Contract scaling: none | zscore_lead | zscore_record | ..."}
+    )
+    pretrain_task: str | None = field(
+        default=None,
+        metadata={"help": "Dataset task used for supervised pretraining (null: random initialisation)."},
+    )
+    pretrain_steps: int = field(default=0, metadata={"help": "Supervised pretraining steps (0: none)."})
+    pretrain_lr: float = field(default=1e-3, metadata={"help": "Pretraining learning rate (AdamW)."})
+    pretrain_batch_size: int = field(default=32, metadata={"help": "Pretraining batch size."})
+
+    def __post_init__(self) -> None:
+        if self.pretrain_steps < 0:
+            raise ValueError("create.pretrain_steps must be >= 0")
+        if self.pretrain_steps > 0 and not self.pretrain_task:
+            raise ValueError("create.pretrain_steps > 0 needs create.pretrain_task")
+
+
+@dataclass
+class DataSection:
+    """Which prepared dataset (``enecg data prepare``) and which of its parts to use."""
+
+    path: str = field(metadata={"help": "Folder of a prepared enecg dataset (enecg_dataset.json + Arrow)."})
+    prepare_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "PTB-XL folder: when `path` holds no dataset, build it there with prepare_ptbxl "
+            "(options: rate, kfold)."
+        },
+    )
+    rate: int = field(default=100, metadata={"help": "prepare_from: PTB-XL sampling rate (100 or 500)."})
+    train_parts: list[str] = field(
+        default_factory=lambda: ["train"], metadata={"help": "Hold-out: the parts trained on."}
+    )
+    validation_part: str = field(
+        default="validation", metadata={"help": "Hold-out: part for early stopping / model selection."}
+    )
+    test_part: str | None = field(
+        default="test", metadata={"help": "Hold-out: part evaluated once at the end (null: none)."}
+    )
+    kfold: int | None = field(
+        default=None,
+        metadata={
+            "help": "k-fold cross-validation over the dataset's fold_0..fold_{k-1} parts: fold i is the test "
+            "part of run i, fold i+1 its validation part, the rest its training parts."
+        },
+    )
+    folds: list[int] | None = field(
+        default=None, metadata={"help": "k-fold: run only these folds (null: all)."}
+    )
+    max_records: int | None = field(
+        default=None, metadata={"help": "Use only the first N records of each part (quick runs, tests)."}
+    )
+    feature_cache: FeatureCacheMode = field(
+        default="auto",
+        metadata={
+            "help": "'auto': cache frozen experts' embeddings when the ensemble allows it (no LoRA on expert "
+            "layers); 'on': require it; 'off': run the experts on every batch."
+        },
+    )
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Feature cache folder (default: <output.dir>/feature_cache)."}
+    )
+    num_workers: int = field(
+        default=0, metadata={"help": "DataLoader workers preparing records (uncached training)."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.kfold is not None and self.kfold < 3:
+            raise ValueError(
+                f"data.kfold must be >= 3 (test, validation and training folds), got {self.kfold}"
+            )
+        if self.max_records is not None and self.max_records < 1:
+            raise ValueError("data.max_records must be >= 1 or null")
+        if self.num_workers < 0:
+            raise ValueError("data.num_workers must be >= 0")
+
+
+@dataclass
+class ExpertSection:
+    """One frozen expert of the ensemble."""
+
+    name: str = field(metadata={"help": "Key of the expert in the ensemble (letters, digits, '_', '-')."})
+    source: str = field(
+        metadata={
+            "help": "Hub ID (ORG/NAME), bundled spec name, hf-hub:/local-dir: name or a local expert folder."
+        }
+    )
+    revision: str | None = field(
+        default=None, metadata={"help": "Hub revision (branch, tag or commit); resolved to a commit sha."}
+    )
+    spec: str | None = field(
+        default=None,
+        metadata={
+            "help": "Adapter spec (bundled name or spec file) where the repo holds several models, e.g. "
+            "ecgfounder-12lead for PKUDigitalHealth/ECGFounder (null: the repo's default)."
+        },
+    )
+    create: LightExpertSpec | None = field(
+        default=None,
+        metadata={"help": "Create an in-house light expert in the folder `source` when it does not exist."},
+    )
+
+
+@dataclass
+class TaskSection:
+    """One task trained jointly; `name` is a label column of the dataset."""
+
+    name: str = field(metadata={"help": "Task (label column) of the dataset, e.g. superclass, sex, age."})
+    loss_weight: float = field(default=1.0, metadata={"help": "Static weight of this task's loss."})
+    regression_loss: Literal["mse", "huber"] = field(
+        default="mse", metadata={"help": "Regression: loss on normalised targets."}
+    )
+    huber_delta: float = field(
+        default=1.0, metadata={"help": "Regression: Huber threshold (normalised units)."}
+    )
+    normalize_target: bool = field(
+        default=True,
+        metadata={"help": "Regression: train on (y - mean) / std with mean and std of the training parts."},
+    )
+
+
+@dataclass
+class ModelSection:
+    """The ensemble's trainable parts (the :mod:`enecg.ensemble.config` settings)."""
+
+    heads: HeadSettings = field(default_factory=HeadSettings, metadata={"help": "Per-expert task heads."})
+    lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "LoRA (peft) settings."})
+    gate: GateSettings = field(default_factory=GateSettings, metadata={"help": "Mixture-of-experts gate."})
+    task_weighting: Literal["static", "uncertainty"] = field(
+        default="static",
+        metadata={"help": "'static' loss weights, or learned 'uncertainty' weighting (Kendall et al. 2018)."},
+    )
+
+
+@dataclass
+class OptimSection:
+    """Optimisation, schedule, precision and model selection."""
+
+    seed: int = field(default=42, metadata={"help": "Seed of initialisation, shuffling and dropout."})
+    epochs: int = field(default=10, metadata={"help": "Training epochs (passes over the training parts)."})
+    max_steps: int | None = field(
+        default=None, metadata={"help": "Stop after this many optimizer steps (null: epochs decide)."}
+    )
+    batch_size: int = field(default=32, metadata={"help": "Per-process training batch size."})
+    eval_batch_size: int = field(default=64, metadata={"help": "Per-process evaluation batch size."})
+    lr: float = field(default=1e-3, metadata={"help": "Peak learning rate (AdamW)."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    lr_scheduler: str = field(
+        default="cosine",
+        metadata={
+            "help": "transformers scheduler name: linear | cosine | constant | constant_with_warmup ..."
+        },
+    )
+    warmup_steps: int = field(default=0, metadata={"help": "Learning-rate warm-up optimizer steps."})
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Micro-batches per optimizer step."}
+    )
+    max_grad_norm: float | None = field(default=1.0, metadata={"help": "Gradient clipping (null: none)."})
+    mixed_precision: MixedPrecision | None = field(
+        default=None,
+        metadata={"help": "no | fp16 | bf16; null: from the accelerate config / `accelerate launch` flags."},
+    )
+    selection_metric: str = field(
+        default="mean_headline",
+        metadata={
+            "help": "Validation metric for early stopping and the best checkpoint: 'mean_headline' (mean of "
+            "the tasks' headline metrics: macro AUROC, AUROC, -MAE/std), 'loss', or '<task>/<metric>'."
+        },
+    )
+    early_stopping_patience: int | None = field(
+        default=5, metadata={"help": "Stop after this many epochs without improvement (null: never)."}
+    )
+    repeats: int = field(
+        default=1,
+        metadata={"help": "Repeated runs with seeds seed, seed+1, ... (everything re-initialised)."},
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"optim.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError("optim.max_steps must be >= 1 or null")
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ValueError("optim.warmup_steps must be >= 0")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            raise ValueError("optim.early_stopping_patience must be >= 1 or null")
+
+
+@dataclass
+class EvaluationSection:
+    """Final evaluation of the selected model (validation fits thresholds, test reports)."""
+
+    bootstrap_resamples: int = field(
+        default=1000, metadata={"help": "Patient-level bootstrap resamples for CIs (0: none)."}
+    )
+    operating_point: Literal["max_f1", "sensitivity"] = field(
+        default="max_f1", metadata={"help": "How thresholds are chosen on validation."}
+    )
+    target_sensitivity: float = field(default=0.9, metadata={"help": "operating_point='sensitivity' target."})
+
+
+@dataclass
+class OutputSection:
+    """Where runs write, checkpointing and resuming."""
+
+    dir: str = field(metadata={"help": "Output folder (checkpoints, logs, metrics, model/)."})
+    resume: str = field(
+        default="auto",
+        metadata={
+            "help": "'auto': resume from the last complete checkpoint in the output folder; 'never'; or the "
+            "path of a checkpoint folder."
+        },
+    )
+    checkpoint_every_steps: int | None = field(
+        default=500, metadata={"help": "Also checkpoint every N optimizer steps (null: epoch ends only)."}
+    )
+    keep_checkpoints: int = field(default=2, metadata={"help": "Most recent checkpoints kept per run."})
+    save_model: bool = field(
+        default=True, metadata={"help": "Save the selected model with save_pretrained into <run>/model."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_every_steps is not None and self.checkpoint_every_steps < 1:
+            raise ValueError("output.checkpoint_every_steps must be >= 1 or null")
+        if self.keep_checkpoints < 1:
+            raise ValueError("output.keep_checkpoints must be >= 1")
+
+
+@dataclass
+class HubSection:
+    """Publishing the saved model (main process only, after training)."""
+
+    push: bool = field(default=False, metadata={"help": "Push <run>/model to the Hub at the end."})
+    repo_id: str | None = field(default=None, metadata={"help": "Target model repo ORG/NAME."})
+    private: bool = field(default=True, metadata={"help": "Create the repo private."})
+    revision: str | None = field(default=None, metadata={"help": "Branch to push to (default main)."})
+
+    def __post_init__(self) -> None:
+        if self.push and not self.repo_id:
+            raise ValueError("hub.push needs hub.repo_id")
+
+
+@dataclass
+class TrackingSection:
+    """Experiment trackers (Accelerate's `log_with`)."""
+
+    log_with: list[str] = field(
+        default_factory=lambda: ["tensorboard"],
+        metadata={"help": "Accelerate trackers: tensorboard (default), trackio, wandb, ...; [] for none."},
+    )
+    project_name: str = field(default="enecg", metadata={"help": "Tracker project / run name prefix."})
+    log_every_steps: int = field(
+        default=10, metadata={"help": "Log training losses every N optimizer steps."}
+    )
+
+
+@dataclass
+class Recipe:
+    """A complete training recipe."""
+
+    data: DataSection = field(metadata={"help": "Dataset and parts."})
+    experts: list[ExpertSection] = field(metadata={"help": "The frozen experts, in gate order."})
+    tasks: list[TaskSection] = field(metadata={"help": "Tasks trained jointly."})
+    output: OutputSection = field(metadata={"help": "Output folder, checkpoints, resuming."})
+    model: ModelSection = field(default_factory=ModelSection, metadata={"help": "Heads, LoRA, gate."})
+    optim: OptimSection = field(default_factory=OptimSection, metadata={"help": "Optimisation."})
+    evaluation: EvaluationSection = field(
+        default_factory=EvaluationSection, metadata={"help": "Final evaluation."}
+    )
+    hub: HubSection = field(default_factory=HubSection, metadata={"help": "Publishing."})
+    tracking: TrackingSection = field(default_factory=TrackingSection, metadata={"help": "Trackers."})
+
+    def __post_init__(self) -> None:
+        if not self.experts:
+            raise ValueError("experts: at least one expert is needed")
+        if not self.tasks:
+            raise ValueError("tasks: at least one task is needed")
+        for kind, names in (
+            ("expert", [e.name for e in self.experts]),
+            ("task", [t.name for t in self.tasks]),
+        ):
+            duplicates = sorted({n for n in names if names.count(n) > 1})
+            if duplicates:
+                raise ValueError(f"duplicate {kind} names {duplicates}")
+        if self.hub.push and (self.data.kfold is not None or self.optim.repeats > 1):
+            raise ValueError(
+                "hub.push publishes one model: it needs a single hold-out run (no kfold, repeats=1)"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain mapping (``parse_recipe_dict(recipe.to_dict())`` gives an equal recipe)."""
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """``section.key -> value`` with scalar values (lists/dicts as text), for trackers' hyper-parameters."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict) and value and prefix.count(".") < 3:
+                for key, inner in value.items():
+                    walk(f"{prefix}.{key}" if prefix else str(key), inner)
+            elif value is None or isinstance(value, (bool, int, float, str)):
+                out[prefix] = "null" if value is None else value
+            else:
+                out[prefix] = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+
+        walk("", self.to_dict())
+        return out
+
+
+# ------------------------------------------------------------------------------------------------- parsing
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a recipe YAML file and apply ``--key=value`` overrides (command-line style).
+
+    Raises :class:`RecipeError` naming the file (or the command line) and the offending key.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: recipe file not found") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    recipe = parse_recipe_dict(apply_overrides(data, overrides), source=str(path))
+    return recipe
+
+
+def parse_recipe_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    """Build a :class:`Recipe` from a mapping; errors name ``source`` and the key."""
+    return _parse(Recipe, data, "", source)
+
+
+def parse_overrides(arguments: list[str] | tuple[str, ...]) -> list[tuple[str, Any]]:
+    """``["--optim.lr=3e-4", "--model.gate.top_k", "1"]`` -> ``[("optim.lr", 3e-4), ("model.gate.top_k", 1)]``.
+
+    Values are YAML (``null``, ``true``, ``[a, b]``, ``{k: v}``); ``--flag`` alone means ``true``."""
+    parsed: list[tuple[str, Any]] = []
+    items = list(arguments)
+    i = 0
+    while i < len(items):
+        item = items[i]
+        if not item.startswith("--") or len(item) <= 2:
+            raise RecipeError(f"{COMMAND_LINE}: expected --key=value, got {item!r}")
+        key, sep, raw = item[2:].partition("=")
+        if not sep:
+            if i + 1 < len(items) and not items[i + 1].startswith("--"):
+                raw = items[i + 1]
+                i += 1
+            else:
+                raw = "true"
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key.replace("-", "_"), value))
+        i += 1
+    return parsed
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """A copy of ``data`` with dotted-key overrides set; unknown keys are errors naming the flag."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for key, value in parse_overrides(overrides):
+        _check_override_path(key)
+        _set_dotted(data, key.split("."), value, key)
+    return data
+
+
+def _check_override_path(key: str) -> None:
+    """Walk ``key`` through the Recipe schema; raise for a key no dataclass has."""
+    tp: Any = Recipe
+    walked: list[str] = []
+    for part in key.split("."):
+        tp = _strip_optional(tp)
+        if dataclasses.is_dataclass(tp):
+            hints = _hints(tp)
+            if part not in hints:
+                where = ".".join(walked) or "the recipe"
+                raise RecipeError(
+                    f"{COMMAND_LINE}: unknown recipe key {key!r} ({part!r} is not a key of {where}; known: "
+                    f"{sorted(hints)})"
+                )
+            tp = hints[part]
+        elif typing.get_origin(tp) is list:
+            if not part.isdigit():
+                raise RecipeError(
+                    f"{COMMAND_LINE}: {key!r}: {'.'.join(walked)} is a list, index it by number"
+                )
+            tp = typing.get_args(tp)[0]
+        elif typing.get_origin(tp) is dict or tp is Any:
+            tp = Any
+        else:
+            raise RecipeError(f"{COMMAND_LINE}: {key!r}: {'.'.join(walked)} is a value, it has no keys")
+        walked.append(part)
+
+
+def _set_dotted(data: Any, parts: list[str], value: Any, key: str) -> None:
+    head, rest = parts[0], parts[1:]
+    if isinstance(data, list):
+        index = int(head)
+        if index >= len(data):
+            raise RecipeError(f"{COMMAND_LINE}: {key!r}: index {index} out of range (list of {len(data)})")
+        if rest:
+            _set_dotted(data[index], rest, value, key)
+        else:
+            data[index] = value
+        return
+    if not isinstance(data, dict):
+        raise RecipeError(f"{COMMAND_LINE}: {key!r}: cannot set a key inside a {type(data).__name__}")
+    if rest:
+        if data.get(head) is None:
+            data[head] = {}
+        _set_dotted(data[head], rest, value, key)
+    else:
+        data[head] = value
+
+
+# --------------------------------------------------------------------------------------- typed conversion
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _strip_optional(tp: Any) -> Any:
+    args = typing.get_args(tp)
+    if _is_union(tp) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            return rest[0]
+    return tp
+
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType)
+
+
+def _parse(cls: type, data: Any, where: str, source: str) -> Any:
+    label = where or "the recipe"
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: {label}: expected a mapping, got {_describe(data)}")
+    hints = _hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise RecipeError(
+            f"{source}: unknown recipe key '{prefix}{unknown[0]}'"
+            f"{f' (and {unknown[1:]})' if len(unknown) > 1 else ''}; known keys of {label}: {sorted(fields)}"
+        )
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{where}.{name}" if where else name
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise RecipeError(f"{source}: missing required key {key!r}")
+            continue
+        kwargs[name] = _convert(hints[name], data[name], key, source)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        if isinstance(exc, RecipeError):
+            raise
+        raise RecipeError(f"{source}: {label}: {exc}") from None
+
+
+def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
+    """``value`` checked against (and lightly coerced to) the annotated type ``tp``."""
+    if tp is Any:
+        return value
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if _is_union(tp):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise RecipeError(f"{source}: {key}: must not be null")
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _convert(option, value, key, source)
+            except RecipeError as exc:
+                errors.append(str(exc))
+        raise RecipeError(f"{source}: {key}: expected {_type_name(tp)}, got {_describe(value)}")
+    if value is None:
+        raise RecipeError(f"{source}: {key}: must not be null (expected {_type_name(tp)})")
+    if origin is Literal:
+        if value not in args:
+            raise RecipeError(f"{source}: {key}: must be one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _parse(tp, value, key, source)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{source}: {key}: expected a list, got {_describe(value)}")
+        (item,) = args or (Any,)
+        return [_convert(item, v, f"{key}.{i}", source) for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{source}: {key}: expected a list, got {_describe(value)}")
+        return tuple(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{source}: {key}: expected a mapping, got {_describe(value)}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise RecipeError(f"{source}: {key}: expected true or false, got {_describe(value)}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise RecipeError(f"{source}: {key}: expected an integer, got {_describe(value)}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads `3e-4` (no dot) as a string: accept it as a number.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise RecipeError(f"{source}: {key}: expected a number, got {_describe(value)}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise RecipeError(f"{source}: {key}: expected a string, got {_describe(value)}")
+    return value
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def _type_name(tp: Any) -> str:
+    if _is_union(tp):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if typing.get_origin(tp) is Literal:
+        return "one of " + "/".join(map(str, typing.get_args(tp)))
+    return getattr(tp, "__name__", str(tp))
+
+
+# ---------------------------------------------------------------------------------------------------- help
+
+
+def recipe_help() -> str:
+    """Every recipe key with its type, default and help text (``enecg train --help-recipe``)."""
+    lines: list[str] = []
+
+    def walk(cls: type, prefix: str, depth: int) -> None:
+        hints = _hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in ("enecg_version",):
+                continue
+            tp = hints[f.name]
+            key = f"{prefix}{f.name}"
+            inner = _strip_optional(tp)
+            if typing.get_origin(inner) is list and dataclasses.is_dataclass(typing.get_args(inner)[0]):
+                lines.append(f"{key}: list of:  {f.metadata.get('help', '')}")
+                walk(typing.get_args(inner)[0], f"{key}.N.", depth + 1)
+                continue
+            if dataclasses.is_dataclass(inner):
+                lines.append(f"{key}:  {f.metadata.get('help', '')}")
+                walk(inner, f"{key}.", depth + 1)
+                continue
+            if f.default is not dataclasses.MISSING:
+                default = f" = {f.default!r}"
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f" = {f.default_factory()!r}"
+            else:
+                default = " (required)"
+            lines.append(f"{key} ({_type_name(tp)}){default}:  {f.metadata.get('help', '')}")
+
+    walk(Recipe, "", 0)
+    return "\n".join(lines)

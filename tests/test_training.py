@@ -1,0 +1,253 @@
+"""Training: the shipped light-ensemble recipe on the real PTB-XL sample (2 in-house experts, multilabel + binary +
+regression) trains, evaluates and saves, and learns (beats constant predictors on the test part); bf16 on CPU;
+k-fold runs re-initialise everything and never train on their test fold; CLI errors are one line."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from enecg.cli import main as cli_main
+from enecg.data.ptbxl import PtbxlOptions, prepare_ptbxl
+from enecg.experts.expert import load_expert
+from enecg.training.recipe import load_recipe, parse_recipe_dict
+from enecg.training.trainer import BEST_DIR, METRICS_FILE, TRAINABLE_WEIGHTS_FILE, train
+
+REPO = Path(__file__).resolve().parents[1]
+LIGHT_RECIPE = REPO / "recipes" / "ptbxl_light_ensemble.yaml"
+TASKS = ("superclass", "sex", "age")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny heads on 2 shared cores: OpenMP threading costs more than it gains (and tests run side by side).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    # Accelerate keeps process-wide state; tests here use different precisions in one process.
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(ptbxl_dir: Path) -> Path:
+    out = Path(tempfile.gettempdir()) / "enecg-tests" / "ptbxl500-100hz-training"
+    prepare_ptbxl(ptbxl_dir, out, PtbxlOptions(rate=100, tasks=TASKS))
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The shipped recipe run through `enecg train`, with paths moved to temporary folders."""
+    root = tmp_path_factory.mktemp("light")
+    argv = [
+        "train",
+        str(LIGHT_RECIPE),
+        f"--data.path={dataset_dir}",
+        f"--experts.0.source={root / 'experts' / 'simplenet'}",
+        f"--experts.1.source={root / 'experts' / 'attianet'}",
+        f"--output.dir={root / 'run'}",
+        "--evaluation.bootstrap_resamples=50",
+    ]
+    assert cli_main(argv) == 0
+    recipe = load_recipe(LIGHT_RECIPE, argv[2:])
+    return {"root": root, "run": root / "run", "recipe": recipe}
+
+
+def test_recipe_trains_evaluates_and_learns(trained: dict[str, Any], dataset_dir: Path) -> None:
+    from enecg.data.build import load_dataset_dir
+
+    metrics = json.loads((trained["run"] / METRICS_FILE).read_text())
+    assert metrics["parts"] == {"train": ["train"], "validation": "validation", "test": "test"}
+    test = metrics["test"]
+    assert test["n_records"] == 66 and metrics["validation"]["n_records"] == 81
+
+    # Multilabel: better than any constant predictor (AUROC 0.5).
+    assert test["headline"]["superclass/macro_auroc"] > 0.6
+    superclass = test["tasks"]["superclass"]
+    assert set(superclass["thresholds"]) == {"NORM", "MI", "STTC", "CD", "HYP"}
+    assert superclass["operating_point"]["fitted_on"] == "validation"
+    assert "macro_auroc" in superclass["ci"]  # patient-level bootstrap intervals
+    # Regression: lower MAE than predicting the training mean age for everyone.
+    dataset, _ = load_dataset_dir(dataset_dir)
+    train_age = np.asarray(dataset["train"]["age"], dtype=float)
+    test_age = np.asarray(dataset["test"]["age"], dtype=float)
+    constant_mae = np.nanmean(np.abs(test_age - np.nanmean(train_age)))
+    assert test["headline"]["age/mae"] < constant_mae
+    assert test["tasks"]["age"]["metrics"]["mae"] == pytest.approx(test["headline"]["age/mae"])
+    # Binary: evaluated with its own metrics (no learning bar: sex from ECG needs more than 353 records).
+    assert 0.0 <= test["headline"]["sex/auroc"] <= 1.0
+
+    summary = json.loads((trained["run"] / "summary.json").read_text())
+    assert summary["split"] == "test"
+    assert summary["metrics"]["superclass/macro_auroc"]["mean"] == test["headline"]["superclass/macro_auroc"]
+
+
+def test_created_experts_and_saved_model(trained: dict[str, Any]) -> None:
+    root, run = trained["root"], trained["run"]
+    for name, task in (("simplenet", "superclass"), ("attianet", "age")):
+        folder = root / "experts" / name
+        info = json.loads((folder / "metrics.json").read_text())
+        assert info["pretrain_task"] == task and info["pretrain_steps"] == 100
+        load_expert(folder)  # a complete, loadable in-house expert
+
+    best = load_file(str(run / BEST_DIR / TRAINABLE_WEIGHTS_FILE))
+    assert any(".heads.superclass." in k for k in best) and any(k.startswith("gate.") for k in best)
+    try:
+        from enecg.ensemble.serialization import from_pretrained
+    except ImportError:
+        pytest.skip("enecg.ensemble.serialization not available: the model is not saved")
+    model = from_pretrained(run / "model")
+    # The saved model holds the selected (best) weights, and the head weights moved away from initialisation.
+    saved = model.trainable_state_dict()
+    for key, value in saved.items():
+        assert torch.equal(value, best[key]), key
+    from enecg.ensemble.model import Ensemble
+
+    initial = Ensemble(model.config, {n: load_expert(root / "experts" / n) for n in model.expert_names})
+    moved = [
+        k
+        for k, v in initial.trainable_state_dict().items()
+        if ".heads." in k and not torch.equal(v, saved[k])
+    ]
+    assert len(moved) > 10
+    assert set(model.decision_thresholds) == {"superclass", "sex"}
+
+
+def test_per_task_losses_metrics_and_gate_weights_are_logged(trained: dict[str, Any]) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = trained["run"] / "logs" / "ptbxl_light_ensemble"
+    events = sorted(logs.glob("events.out.tfevents.*"))
+    assert events, f"no TensorBoard events in {logs}"
+    accumulator = EventAccumulator(str(events[0]))
+    accumulator.Reload()
+    tags = set(accumulator.Tags()["scalars"])
+    expected = {
+        "train/loss",
+        "train/superclass",
+        "train/sex",
+        "train/age",
+        "train/step_loss",
+        "train/lr",
+        "gate_weight/simplenet",
+        "gate_weight/attianet",
+        "val/gate_weight/simplenet",
+        "val/gate_weight/attianet",
+        "val/superclass/macro_auroc",
+        "val/sex/auroc",
+        "val/age/mae",
+        "val/mean_headline",
+        "val/loss",
+    }
+    assert expected <= tags, sorted(expected - tags)
+    weights = [e.value for e in accumulator.Scalars("gate_weight/simplenet")]
+    others = [e.value for e in accumulator.Scalars("gate_weight/attianet")]
+    assert all(abs(a + b - 1) < 1e-4 for a, b in zip(weights, others))
+
+
+def _tiny_recipe(dataset_dir: Path, root: Path, **sections: Any):
+    data = {
+        "data": {"path": str(dataset_dir), "max_records": 40},
+        "experts": [
+            {
+                "name": "a",
+                "source": str(root / "experts" / "a"),
+                "create": {"architecture": "SimpleNet", "width_multiplier": 0.25, "embedding_dim": 16},
+            },
+            {
+                "name": "b",
+                "source": str(root / "experts" / "b"),
+                "create": {"architecture": "ParallelCNN", "width_multiplier": 0.25, "embedding_dim": 16},
+            },
+        ],
+        "tasks": [{"name": t} for t in TASKS],
+        "model": {"heads": {"hidden_sizes": [16]}, "gate": {"hidden_sizes": [8]}},
+        "optim": {"epochs": 1, "batch_size": 16},
+        "evaluation": {"bootstrap_resamples": 0},
+        "output": {"dir": str(root / "run"), "save_model": False},
+        "tracking": {"log_with": []},
+    }
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    return parse_recipe_dict(data)
+
+
+def test_bf16_mixed_precision_on_cpu(dataset_dir: Path, tmp_path: Path) -> None:
+    recipe = _tiny_recipe(
+        dataset_dir,
+        tmp_path,
+        optim={"mixed_precision": "bf16", "max_steps": 2},
+        data={"feature_cache": "off", "max_records": 32},
+    )
+    result = train(recipe).run
+    assert result.global_step == 2
+    assert np.isfinite(result.history[-1]["train/loss"])
+    assert np.isfinite(result.validation["loss"])
+
+
+def test_kfold_reinitialises_everything_and_never_trains_on_the_test_fold(
+    ptbxl_dir: Path, tmp_path: Path
+) -> None:
+    from enecg.data.build import load_dataset_dir
+
+    dataset_dir = Path(tempfile.gettempdir()) / "enecg-tests" / "ptbxl500-100hz-kfold3"
+    prepare_ptbxl(ptbxl_dir, dataset_dir, PtbxlOptions(rate=100, tasks=TASKS, kfold=3))
+    loaded: list[str] = []
+
+    def loader(source: Any, **kwargs: Any) -> torch.nn.Module:
+        loaded.append(str(source))
+        return load_expert(source, **kwargs)
+
+    data = _tiny_recipe(
+        dataset_dir, tmp_path, data={"kfold": 3, "folds": [0, 2], "max_records": 30}
+    ).to_dict()
+    data["experts"][0]["create"] |= {"pretrain_task": "superclass", "pretrain_steps": 2}
+    recipe = parse_recipe_dict(data)
+    result = train(recipe, expert_loader=loader)
+    assert [r.name for r in result.runs] == ["fold_0", "fold_2"]
+    # Experts reloaded for every run; created experts pretrained per fold, on that fold's training parts.
+    assert len(loaded) == 4
+    assert loaded[0].endswith("a/fold_0") and loaded[2].endswith("a/fold_2")
+    weights = [
+        load_file(str(tmp_path / "experts" / "a" / f / "model.safetensors")) for f in ("fold_0", "fold_2")
+    ]
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+    dataset, _ = load_dataset_dir(dataset_dir)
+    seeds = set()
+    for run in result.runs:
+        metrics = json.loads((Path(run.run_dir) / METRICS_FILE).read_text())
+        parts = metrics["parts"]
+        assert parts["test"] == f"fold_{run.fold}" and parts["test"] not in parts["train"]
+        train_patients = {p for part in parts["train"] for p in dataset[part]["patient_id"]}
+        assert not train_patients & set(dataset[parts["test"]]["patient_id"])
+        seeds.add(run.seed)
+        init = load_file(str(next((Path(run.run_dir) / "checkpoints").iterdir()) / TRAINABLE_WEIGHTS_FILE))
+        assert init  # each run has its own checkpoints
+    assert len(seeds) == 2
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["runs"] == ["fold_0", "fold_2"] and summary["metrics"]["mean_headline"]["n"] == 2
+
+
+def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["train", str(LIGHT_RECIPE), "--optim.lrr=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("enecg: error:") and "optim.lrr" in err and "\n" not in err
+    assert cli_main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert "recipe file not found" in capsys.readouterr().err
