@@ -15,20 +15,103 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from enecg.training.recipe import Recipe, RecipeError, load_recipe, recipe_help
-from enecg.training.trainer import TrainResult, train
+from enecg.training.trainer import RunResult, TrainResult, train
 
 logger = logging.getLogger("enecg.train")
+
+
+def _dataset_cards() -> dict:
+    from enecg.hub.cards import DatasetCardInfo
+
+    return {
+        "ptbxl": DatasetCardInfo(
+            name="PTB-XL", url="https://physionet.org/content/ptb-xl/", license="cc-by-4.0",
+            citation="Wagner et al., PTB-XL, a large publicly available electrocardiography dataset, "
+            "Scientific Data 7, 154 (2020)",
+        ),
+        "cinc": DatasetCardInfo(
+            name="PhysioNet/CinC Challenge 2021", url="https://physionet.org/content/challenge-2021/",
+            license="cc-by-4.0",
+            citation="Reyna et al., Will Two Do? Varying Dimensions in Electrocardiography: The PhysioNet/Computing "
+            "in Cardiology Challenge 2021 (2021)",
+        ),
+        "synthetic": DatasetCardInfo(name="enecg synthetic ECGSYN set (simulated, not patient data)"),
+    }
 
 
 def run_recipe_file(config: str, overrides: list[str] | tuple[str, ...] = ()) -> TrainResult:
     """Load ``config`` with ``overrides``, train, and push the model when the recipe asks for it."""
     recipe = load_recipe(config, overrides)
     result = train(recipe)
+    if recipe.evaluation.report and _rank() == 0:
+        for run in result.runs:
+            report_run(recipe, run, recipe_path=config)
     if recipe.hub.push:
         push_result(recipe, result)
     return result
+
+
+def report_run(recipe: Recipe, run: RunResult, *, recipe_path: str | None = None) -> Path | None:
+    """Evaluate a run's saved model on its test part (``enecg evaluate``: report.json + report.html in
+    ``<run>/report``) and give the model a card with those results (``README.md`` + ``card_context.json``, which
+    later pushes re-render for their repo). The model is reloaded from disk, so the report describes exactly what
+    was saved. Returns the report folder, or None when the run saved no model or has no test part."""
+    from enecg.data import load_dataset_dir
+    from enecg.ensemble import Ensemble
+    from enecg.evaluation.metrics import BootstrapConfig, OperatingPoint
+    from enecg.evaluation.runner import evaluate_ensemble
+    from enecg.hub.cards import (
+        DatasetCardInfo,
+        EvaluationSummary,
+        TrainingSummary,
+        render_ensemble_card,
+        save_card,
+        save_card_context,
+    )
+    from enecg.hub.publish import ensemble_card_context
+
+    if run.model_dir is None or run.test_part is None:
+        logger.info("run %s: no saved model or no test part: no report", run.name or "hold-out")
+        return None
+    model_dir, report_dir = Path(run.model_dir), Path(run.run_dir) / "report"
+    model = Ensemble.from_pretrained(model_dir)
+    _, meta = load_dataset_dir(recipe.data.path)
+    evaluation = evaluate_ensemble(
+        model,
+        recipe.data.path,
+        split=run.test_part,
+        val_split=run.validation_part,
+        operating_point=OperatingPoint(recipe.evaluation.operating_point, recipe.evaluation.target_sensitivity),
+        bootstrap=BootstrapConfig(n_resamples=recipe.evaluation.bootstrap_resamples, seed=run.seed),
+        n_examples=recipe.evaluation.report_examples,
+        out_dir=report_dir,
+        title=f"enecg ensemble — {meta.source} {run.test_part}",
+    )
+    dataset = _dataset_cards().get(meta.source, DatasetCardInfo(name=meta.source))
+    repo_id = recipe.hub.repo_id or model_dir.name
+    context = ensemble_card_context(
+        model,
+        repo_id,
+        datasets=[dataset],
+        evaluations=[EvaluationSummary(split=run.test_part, tasks=evaluation["tasks"], dataset=dataset.name)],
+        gate_mean_weights=(evaluation.get("gate") or {}).get("mean_weights", {}),
+        gate_split=run.test_part,
+        training=TrainingSummary(
+            splits={part: meta.splits.get(part, 0) for part in (*recipe.data.train_parts, run.validation_part)
+                    if part},
+            epochs=run.epochs_completed,
+            recipe=recipe_path,
+            split_method=f"train {'+'.join(recipe.data.train_parts)}, select on {run.validation_part}, "
+            f"test {run.test_part} (patient-disjoint parts of {meta.source})",
+        ),
+    )
+    save_card(render_ensemble_card(context), model_dir)
+    save_card_context(context, model_dir)
+    logger.info("run %s: report in %s, card with test results in %s", run.name or "hold-out", report_dir, model_dir)
+    return report_dir
 
 
 def push_result(recipe: Recipe, result: TrainResult) -> None:

@@ -207,3 +207,15 @@ def test_task_config_from_dataset_task_info():
     assert config.num_outputs == 5 and config.loss_weight == 2.0
     assert Task(config).predict(torch.zeros(1, 5)).tolist() == [[0.5] * 5]
     assert math.isclose(Task(TaskConfig(name="age", type="regression")).std, 1.0)
+
+
+def test_task_config_from_dataset_binary_with_both_class_names() -> None:
+    from enecg.data.schema import TaskInfo
+    from enecg.ensemble.config import TaskConfig
+
+    sex = TaskConfig.from_task_info(TaskInfo(name="sex", type="binary", names=["male", "female"]))
+    assert sex.label_names == ["female"] and sex.num_outputs == 1
+    flag = TaskConfig.from_task_info(TaskInfo(name="noisy", type="binary", names=["noisy"]))
+    assert flag.label_names == ["noisy"]
+    diag = TaskConfig.from_task_info(TaskInfo(name="d", type="multilabel", names=["A", "B"]), loss_weight=2.0)
+    assert diag.label_names == ["A", "B"] and diag.loss_weight == 2.0

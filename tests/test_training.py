@@ -129,6 +129,41 @@ def test_created_experts_and_saved_model(trained: dict[str, Any]) -> None:
     assert set(model.decision_thresholds) == {"superclass", "sex"}
 
 
+def test_report_and_card_with_test_results(trained: dict[str, Any]) -> None:
+    """After training, `enecg train` evaluates the saved model (report + figures) and cards it with the results."""
+    import re
+
+    from huggingface_hub import ModelCard
+
+    from enecg.hub.cards import load_card_context
+    from enecg.hub.publish import update_card
+
+    run = trained["run"]
+    report = json.loads((run / "report" / "report.json").read_text())
+    metrics = json.loads((run / METRICS_FILE).read_text())
+    # The report re-evaluates the *saved* model: same test metrics as the trainer's own final evaluation.
+    assert report["tasks"]["superclass"]["metrics"]["macro"]["auroc"] == pytest.approx(
+        metrics["test"]["tasks"]["superclass"]["metrics"]["macro"]["auroc"], abs=1e-6
+    )
+    assert set(report["experts"]) == {"simplenet", "attianet"} and "uniform average" in report["baselines"]
+    html = (run / "report" / "report.html").read_text()
+    for src in re.findall(r'<img src="([^"]+)"', html):
+        assert (run / "report" / src).is_file()
+
+    card = ModelCard.load(run / "model" / "README.md")
+    index = card.data.to_dict()["model-index"][0]["results"]
+    values = {r["dataset"]["config"]: r["metrics"][0]["value"] for r in index}
+    # The card rounds to 4 decimals.
+    assert values["superclass"] == pytest.approx(report["tasks"]["superclass"]["metrics"]["macro"]["auroc"], abs=1e-4)
+    assert card.data.to_dict()["datasets"] == ["PTB-XL"]
+    # Pushing the folder to another repo later keeps the results (re-rendered from card_context.json).
+    assert load_card_context(run / "model") is not None
+    update_card(run / "model", "someone/elsewhere")
+    again = ModelCard.load(run / "model" / "README.md")
+    assert 'from_pretrained("someone/elsewhere")' in again.text
+    assert again.data.to_dict()["model-index"][0]["results"] == card.data.to_dict()["model-index"][0]["results"]
+
+
 def test_per_task_losses_metrics_and_gate_weights_are_logged(trained: dict[str, Any]) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -190,8 +190,14 @@ class TaskConfig:
 
     @classmethod
     def from_task_info(cls, info: TaskInfo, **overrides: Any) -> TaskConfig:
-        """Build from a dataset's :class:`~enecg.data.schema.TaskInfo` (``overrides``: loss_weight, target_mean...)."""
-        return cls(name=info.name, type=info.type, label_names=list(info.names), **overrides)
+        """Build from a dataset's :class:`~enecg.data.schema.TaskInfo` (``overrides``: loss_weight, target_mean...).
+
+        A binary task whose dataset names both classes (``[negative, positive]``, e.g. PTB-XL sex ``[male, female]``
+        for 0/1) keeps the positive name: the head predicts the probability of label 1."""
+        names = list(info.names)
+        if info.type == "binary" and len(names) == 2:
+            names = names[1:]
+        return cls(name=info.name, type=info.type, label_names=names, **overrides)
 
 
 @dataclass

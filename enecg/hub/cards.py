@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import json
 import os
 import re
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -651,6 +654,54 @@ def save_card(card: ModelCard, folder: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, str(card))
     return path
+
+
+CARD_CONTEXT_FILE = "card_context.json"
+
+
+def save_card_context(context: EnsembleCardContext, folder: str | os.PathLike) -> Path:
+    """Keep the card's data next to the model (``card_context.json``), so the card can be re-rendered with its
+    results for whichever repo the folder is later pushed to."""
+    path = Path(folder) / CARD_CONTEXT_FILE
+    # Insertion order kept (no sort_keys): tasks and results render in the order the run produced them.
+    write_text_atomic(path, json.dumps(dataclasses.asdict(context), indent=2, default=str))
+    return path
+
+
+def load_card_context(folder: str | os.PathLike) -> EnsembleCardContext | None:
+    """The context saved by :func:`save_card_context`, or None when the folder has none."""
+    path = Path(folder) / CARD_CONTEXT_FILE
+    if not path.is_file():
+        return None
+    try:
+        return _dataclass_from_dict(EnsembleCardContext, json.loads(path.read_text()))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"{path}: not a valid card context ({exc})") from exc
+
+
+def _dataclass_from_dict(cls: type, data: Mapping[str, Any]) -> Any:
+    """Rebuild a (nested) card dataclass from ``dataclasses.asdict`` output."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        kwargs[f.name] = _convert_field(hints[f.name], data[f.name])
+    return cls(**kwargs)
+
+
+def _convert_field(tp: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return _convert_field(inner[0], value) if len(inner) == 1 else value
+    if dataclasses.is_dataclass(tp):
+        return _dataclass_from_dict(tp, value)
+    if origin is list and args and dataclasses.is_dataclass(args[0]):
+        return [_dataclass_from_dict(args[0], v) for v in value]
+    return value
 
 
 def extract_python_snippet(card: ModelCard | str) -> str:

@@ -4,7 +4,8 @@
 is :func:`enecg.hub.push.push_folder` (one commit of ``*.safetensors``, ``*.json``, ``*.md`` and plots, never
 checkpoints or pickles; main process only). The card's loading example must load the repo it is pushed to, so:
 
-* with ``card_context``, the card is rendered from it (its ``repo_id`` set to the target repo);
+* with ``card_context`` (or a ``card_context.json`` saved next to the model, e.g. by ``enecg train`` with its test
+  results), the card is rendered from it (its ``repo_id`` set to the target repo);
 * else a ``README.md`` whose Python example already loads ``repo_id`` is kept as is;
 * else a card is rendered from the saved ``config.json`` (experts with their revisions and licences, tasks, decision
   thresholds; no results: pass ``card_context`` with evaluations for those) and replaces the old one.
@@ -37,6 +38,7 @@ from enecg.hub.cards import (
     ExpertCardInfo,
     TaskCardInfo,
     extract_python_snippet,
+    load_card_context,
     render_ensemble_card,
     save_card,
 )
@@ -137,6 +139,8 @@ def update_card(
     """Make ``folder/README.md`` the card for ``repo_id`` (see the module docstring); returns its path."""
     folder = Path(folder)
     card_path = folder / CARD_FILE
+    if card_context is None:
+        card_context = load_card_context(folder)  # results saved with the model by `enecg train`
     if card_context is not None:
         return save_card(render_ensemble_card(dataclasses.replace(card_context, repo_id=repo_id)), folder)
     if card_loads(card_path, repo_id):

@@ -20,7 +20,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 
@@ -28,6 +28,7 @@ from enecg.ensemble.config import GateSettings, HeadSettings, LoraSettings
 from enecg.leads import STANDARD_12_LEADS
 
 COMMAND_LINE = "command line"
+T = TypeVar("T")
 FeatureCacheMode = Literal["auto", "on", "off"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 
@@ -57,6 +58,9 @@ class LightExpertSpec:
     )
     scaling: str = field(
         default="zscore_lead", metadata={"help": "Contract scaling: none | zscore_lead | zscore_record | ..."}
+    )
+    use_demographics: bool = field(
+        default=False, metadata={"help": "Fuse age and sex into the embedding (the light models' option)."}
     )
     pretrain_task: str | None = field(
         default=None,
@@ -258,6 +262,12 @@ class EvaluationSection:
         default="max_f1", metadata={"help": "How thresholds are chosen on validation."}
     )
     target_sensitivity: float = field(default=0.9, metadata={"help": "operating_point='sensitivity' target."})
+    report: bool = field(
+        default=True,
+        metadata={"help": "After training, evaluate the saved model on the test part (enecg evaluate: report.json + "
+                  "report.html with figures) and put the results in its model card."},
+    )
+    report_examples: int = field(default=4, metadata={"help": "Example records rendered in the report."})
 
 
 @dataclass
@@ -380,6 +390,15 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
 
     Raises :class:`RecipeError` naming the file (or the command line) and the offending key.
     """
+    return load_config(path, Recipe, overrides)
+
+
+def load_config(path: str | os.PathLike, schema: type[T], overrides: list[str] | tuple[str, ...] = ()) -> T:
+    """Read any recipe-style YAML file into the dataclass ``schema`` with ``--key=value`` overrides.
+
+    The same checks as :func:`load_recipe` (unknown keys in the file or on the command line, wrong types), for
+    other commands' recipes (e.g. ``enecg efficiency``, ``enecg transfer``).
+    """
     path = Path(path)
     try:
         text = path.read_text()
@@ -393,13 +412,17 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
         data = {}
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
-    recipe = parse_recipe_dict(apply_overrides(data, overrides), source=str(path))
-    return recipe
+    return parse_config_dict(schema, apply_overrides(data, overrides, schema), source=str(path))
 
 
 def parse_recipe_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
     """Build a :class:`Recipe` from a mapping; errors name ``source`` and the key."""
     return _parse(Recipe, data, "", source)
+
+
+def parse_config_dict(schema: type[T], data: dict[str, Any], source: str = "recipe") -> T:
+    """Build any recipe-style dataclass ``schema`` from a mapping; errors name ``source`` and the key."""
+    return _parse(schema, data, "", source)
 
 
 def parse_overrides(arguments: list[str] | tuple[str, ...]) -> list[tuple[str, Any]]:
@@ -429,20 +452,23 @@ def parse_overrides(arguments: list[str] | tuple[str, ...]) -> list[tuple[str, A
     return parsed
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """A copy of ``data`` with dotted-key overrides set; unknown keys are errors naming the flag."""
+def apply_overrides(
+    data: dict[str, Any], overrides: list[str] | tuple[str, ...], schema: type | None = None
+) -> dict[str, Any]:
+    """A copy of ``data`` with dotted-key overrides set; keys unknown to ``schema`` (default :class:`Recipe`)
+    are errors naming the flag."""
     import copy
 
     data = copy.deepcopy(data)
     for key, value in parse_overrides(overrides):
-        _check_override_path(key)
+        _check_override_path(key, schema or Recipe)
         _set_dotted(data, key.split("."), value, key)
     return data
 
 
-def _check_override_path(key: str) -> None:
-    """Walk ``key`` through the Recipe schema; raise for a key no dataclass has."""
-    tp: Any = Recipe
+def _check_override_path(key: str, schema: type) -> None:
+    """Walk ``key`` through the ``schema`` dataclasses; raise for a key no dataclass has."""
+    tp: Any = schema
     walked: list[str] = []
     for part in key.split("."):
         tp = _strip_optional(tp)
@@ -623,8 +649,9 @@ def _type_name(tp: Any) -> str:
 # ---------------------------------------------------------------------------------------------------- help
 
 
-def recipe_help() -> str:
-    """Every recipe key with its type, default and help text (``enecg train --help-recipe``)."""
+def recipe_help(schema: type | None = None) -> str:
+    """Every key of ``schema`` (default :class:`Recipe`) with its type, default and help text
+    (``enecg train --help-recipe``)."""
     lines: list[str] = []
 
     def walk(cls: type, prefix: str, depth: int) -> None:
@@ -651,5 +678,5 @@ def recipe_help() -> str:
                 default = " (required)"
             lines.append(f"{key} ({_type_name(tp)}){default}:  {f.metadata.get('help', '')}")
 
-    walk(Recipe, "", 0)
+    walk(schema or Recipe, "", 0)
     return "\n".join(lines)

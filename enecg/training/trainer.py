@@ -115,6 +115,8 @@ class RunResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     feature_cache: dict[str, Any] = field(default_factory=dict)
     model_dir: str | None = None
+    validation_part: str | None = None  # dataset parts of this run (for reports on the saved model)
+    test_part: str | None = None
 
 
 @dataclass
@@ -383,6 +385,8 @@ def _train_run(
         history=list(state.history),
         feature_cache=cache_stats,
         model_dir=str(model_dir) if model_dir else None,
+        validation_part=run.validation_part,
+        test_part=run.test_part,
     )
 
 
@@ -866,11 +870,7 @@ def _ensemble_config(
             if section.normalize_target:
                 mean, std = regression_stats(train_part, info.name)
                 extra |= {"target_mean": mean, "target_std": std}
-        if info.type == "binary" and len(info.names) == 2:
-            # The dataset names both classes (0, 1); the ensemble's binary head predicts the positive one.
-            tasks.append(TaskConfig(name=info.name, type="binary", label_names=[info.names[1]], **extra))
-        else:
-            tasks.append(TaskConfig.from_task_info(info, **extra))
+        tasks.append(TaskConfig.from_task_info(info, **extra))
     model = recipe.model
     return EnsembleConfig(
         experts=refs,
