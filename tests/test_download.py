@@ -71,9 +71,11 @@ def fake_physionet(ptbxl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPa
     from wfdb.io import download
 
     served = tmp_path / "served" / "ptb-xl" / "1.0.3"
-    for name in ("ptbxl_database.csv", "scp_statements.csv"):
-        (served / name).parent.mkdir(parents=True, exist_ok=True)
-        (served / name).write_bytes((ptbxl_dir / name).read_bytes())
+    served.mkdir(parents=True, exist_ok=True)
+    (served / "scp_statements.csv").write_bytes((ptbxl_dir / "scp_statements.csv").read_bytes())
+    # A consistent 3-record PTB-XL: the table lists exactly the records served.
+    lines = (ptbxl_dir / "ptbxl_database.csv").read_text().splitlines(keepends=True)
+    (served / "ptbxl_database.csv").write_text("".join(lines[:4]))
     for rate_dir, suffix in (("records100", "lr"), ("records500", "hr")):
         for i in (1, 2, 3):
             for ext in ("hea", "dat"):
@@ -129,3 +131,18 @@ def test_download_cli(fake_physionet: Path, tmp_path: Path) -> None:
     assert main(["data", "download", "ptbxl", "--out", str(tmp_path / "cli"), "--ecg-ids", "1-2"]) == 0
     assert ptbxl_present(tmp_path / "cli", 100)
     assert (tmp_path / "cli" / "records100/00000/00002_lr.hea").is_file()
+
+
+def test_recipe_downloads_missing_ptbxl_then_prepares(fake_physionet: Path, tmp_path: Path) -> None:
+    from enecg.training.data import load_training_dataset
+    from enecg.training.recipe import DataSection
+
+    section = DataSection(path=str(tmp_path / "prepared"), prepare_from=str(tmp_path / "raw"), rate=100,
+                          download=True)
+    dataset, meta = load_training_dataset(section)
+    assert len(dataset["test"]) + len(dataset["train"]) + len(dataset["validation"]) == 3
+    assert sum(meta.splits.values()) == 3 and meta.source == "ptbxl"
+    assert ptbxl_present(tmp_path / "raw", 100)
+    # Without `download`, a missing copy is a clear error, not a silent empty dataset.
+    with pytest.raises((FileNotFoundError, ValueError)):
+        load_training_dataset(DataSection(path=str(tmp_path / "p2"), prepare_from=str(tmp_path / "none")))

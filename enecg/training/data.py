@@ -103,8 +103,12 @@ def load_training_dataset(data: DataSection) -> tuple[datasets.DatasetDict, Data
 
     path = Path(data.path)
     if data.prepare_from and not (path / "enecg_dataset.json").is_file():
+        from enecg.data.download import download_ptbxl, ptbxl_present
         from enecg.data.ptbxl import PtbxlOptions, prepare_ptbxl
 
+        if data.download and not ptbxl_present(data.prepare_from, data.rate):
+            logger.info("PTB-XL not found in %s: downloading it from PhysioNet (wfdb)", data.prepare_from)
+            download_ptbxl(data.prepare_from, rates=(data.rate,))
         logger.info("preparing PTB-XL from %s into %s", data.prepare_from, path)
         prepare_ptbxl(data.prepare_from, path, PtbxlOptions(rate=data.rate, kfold=data.kfold))
     return load_dataset_dir(path)

@@ -90,6 +90,11 @@ class DataSection:
         },
     )
     rate: int = field(default=100, metadata={"help": "prepare_from: PTB-XL sampling rate (100 or 500)."})
+    download: bool = field(
+        default=False,
+        metadata={"help": "prepare_from: download PTB-XL from PhysioNet with wfdb into that folder when it is missing "
+                  "(needs network; resumable)."},
+    )
     train_parts: list[str] = field(
         default_factory=lambda: ["train"], metadata={"help": "Hold-out: the parts trained on."}
     )
