@@ -45,7 +45,8 @@ def headline(result: dict[str, Any]) -> tuple[str, float | None, list[float | No
         else None
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
+def format_number(value: Any, digits: int = 3) -> str:
+    """A metric for a table: fixed decimals for floats, a dash for missing values."""
     if value is None:
         return "–"
     if isinstance(value, float):
@@ -168,7 +169,7 @@ def render_html(evaluation: dict[str, Any]) -> str:
         summary_rows=summary_rows,
         figures=evaluation.get("figures", []),
         gate_experts=gate_experts,
-        fmt=_fmt,
+        fmt=format_number,
         fmt_ci=_fmt_ci,
         headline=headline,
     )

@@ -9,8 +9,9 @@ or unexpected key instead, allowing only keys a spec explicitly expects to drop.
 from __future__ import annotations
 
 import fnmatch
+import json
 import pickle
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,37 @@ def read_weights(path: str | Path) -> Any:
         except (RuntimeError, EOFError, OSError) as exc:
             raise WeightsError(f"{path}: not a readable torch checkpoint ({exc})") from exc
     raise WeightsError(f"{path}: unknown weights format {path.suffix!r} (expected .safetensors or a torch pickle)")
+
+
+def read_json_config(path: str | Path) -> dict[str, Any]:
+    """A JSON object from ``path`` (a model's ``config.json``); a clear one-line error otherwise."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise WeightsError(f"{path}: not a readable JSON config ({exc})") from exc
+    if not isinstance(value, dict):
+        raise WeightsError(f"{path}: expected a JSON object")
+    return value
+
+
+def read_state_dict_with_config(
+    path: str | Path, weights_files: Sequence[str] = ("model.safetensors",)
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, Path]:
+    """The Hugging Face folder layout: a flat state dict (``path`` = the weights file, or a folder holding one of
+    ``weights_files``) and the sibling ``config.json`` (None when absent). Returns (state_dict, config, weights
+    path)."""
+    path = Path(path)
+    if path.is_dir():
+        found = [path / name for name in weights_files if (path / name).is_file()]
+        if not found:
+            raise WeightsError(f"{path}: no {' or '.join(weights_files)} in the folder")
+        path = found[0]
+    state_dict = read_weights(path)
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise WeightsError(f"{path}: expected a flat state_dict of tensors")
+    config_path = path.with_name("config.json")
+    return state_dict, read_json_config(config_path) if config_path.is_file() else None, path
 
 
 def _matches(key: str, patterns: Iterable[str]) -> bool:

@@ -31,6 +31,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from enecg import __version__ as ENECG_VERSION
 from enecg.data.schema import write_text_atomic
 from enecg.evaluation.report import CAVEAT, headline
+from enecg.evaluation.report import format_number as _fmt
 from enecg.hub.licenses import LicenceDecision, licence_display_name, most_restrictive_licence
 
 ENSEMBLE_TEMPLATE = "ensemble.md"
@@ -264,14 +265,6 @@ def _cell(value: Any) -> str:
         value = ", ".join(str(item) for item in value)
     text = "–" if value is None or value == "" else str(value)
     return re.sub(r"\s+", " ", text).replace("|", "\\|").strip()
-
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
 
 
 def _fmt_ci(ci: Any) -> str:

@@ -39,7 +39,6 @@ import os
 import re
 import socket
 import socketserver
-import tempfile
 import threading
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -48,6 +47,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+from enecg.data.schema import write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -202,21 +203,6 @@ def _utc_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` so that readers see either no file / the old file or the complete new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _validate_repo_path(path: str) -> str:
     """Reject paths that could escape the repo or that git would not store (``..``, absolute, empty parts)."""
     parts = path.split("/")
@@ -325,12 +311,12 @@ class HubStorage:
 
     def _save_repo(self, repo: _Repo) -> None:
         path = self._repo_dir(repo.repo_type, repo.repo_id) / "repo.json"
-        _write_bytes_atomic(path, json.dumps(repo.to_json(), indent=1).encode())
+        write_bytes_atomic(path, json.dumps(repo.to_json(), indent=1).encode())
 
     def _store_blob(self, content: bytes, entry: FileEntry) -> None:
         path = self.blob_path(entry.sha256)
         if not path.exists():  # content-addressed: an existing blob already holds these bytes
-            _write_bytes_atomic(path, content)
+            write_bytes_atomic(path, content)
 
     def _write_commit(
         self,
@@ -353,7 +339,7 @@ class HubStorage:
             oid=oid, parent=parent, summary=summary, description=description, date=date, files=files
         )
         path = self._repo_dir(repo.repo_type, repo.repo_id) / "commits" / f"{oid}.json"
-        _write_bytes_atomic(path, json.dumps(commit.to_json()).encode())
+        write_bytes_atomic(path, json.dumps(commit.to_json()).encode())
         self._commits.setdefault((repo.repo_type, repo.repo_id), {})[oid] = commit
         return commit
 

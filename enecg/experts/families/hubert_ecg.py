@@ -12,7 +12,6 @@ official ``HuBERTForECGClassification`` when no attention mask is given).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from transformers import AutoConfig, AutoModel, HubertConfig, HubertModel
 from transformers.modeling_outputs import BaseModelOutput
 
 from enecg.experts.family import ExpertFamily, register_family
-from enecg.experts.weights import WeightsError, read_weights
+from enecg.experts.weights import WeightsError, read_json_config, read_state_dict_with_config
 
 MODEL_TYPE = "hubert_ecg"
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
@@ -121,21 +120,11 @@ def register_auto_classes() -> None:
 register_auto_classes()
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise WeightsError(f"{path}: not a readable JSON config ({exc})") from exc
-    if not isinstance(value, dict):
-        raise WeightsError(f"{path}: expected a JSON object")
-    return value
-
-
 def _is_hubert_ecg_config(path: Path) -> bool:
     if not path.is_file():
         return False
     try:
-        return _read_json(path).get("model_type") == MODEL_TYPE
+        return read_json_config(path).get("model_type") == MODEL_TYPE
     except WeightsError:
         return False
 
@@ -161,20 +150,9 @@ class HubertECGFamily(ExpertFamily):
     def read_checkpoint(self, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
         """Read ``model.safetensors`` (or a folder holding it) and the sibling ``config.json`` (None if absent).
         Legacy weight-norm keys ``...conv.weight_g``/``weight_v`` are renamed to the parametrization names."""
-        path = Path(path)
-        if path.is_dir():
-            found = [path / name for name in WEIGHTS_FILES if (path / name).is_file()]
-            if not found:
-                raise WeightsError(f"{path}: no {' or '.join(WEIGHTS_FILES)} in the folder")
-            path = found[0]
-        state_dict = read_weights(path)
-        if not isinstance(state_dict, dict) or not all(
-            isinstance(v, torch.Tensor) for v in state_dict.values()
-        ):
-            raise WeightsError(f"{path}: expected a flat state_dict of tensors")
+        state_dict, config, path = read_state_dict_with_config(path, WEIGHTS_FILES)
         state_dict = self.normalize_keys(state_dict, source=str(path))
         config_path = path.with_name("config.json")
-        config = _read_json(config_path) if config_path.is_file() else None
         if config is not None and config.get("model_type") != MODEL_TYPE:
             raise WeightsError(
                 f"{config_path}: model_type is {config.get('model_type')!r}, expected {MODEL_TYPE!r}"

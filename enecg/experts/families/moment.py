@@ -15,7 +15,6 @@ official embedding is the mean over channels, then the mean over fully observed 
 from __future__ import annotations
 
 import inspect
-import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -27,7 +26,7 @@ from transformers import T5Config
 from transformers.models.t5.modeling_t5 import T5Stack
 
 from enecg.experts.family import ExpertFamily, register_family
-from enecg.experts.weights import WeightsError, read_weights
+from enecg.experts.weights import WeightsError, read_json_config, read_state_dict_with_config
 
 MODEL_NAME = "MOMENT"
 WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -287,16 +286,6 @@ class MomentModel(nn.Module):
         return self.embed(x_enc, input_mask=input_mask, reduction="mean")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise WeightsError(f"{path}: not a readable JSON config ({exc})") from exc
-    if not isinstance(value, dict):
-        raise WeightsError(f"{path}: expected a JSON object")
-    return value
-
-
 def is_moment_config(config: dict[str, Any]) -> bool:
     return config.get("model_name") == MODEL_NAME or ("t5_config" in config and "patch_len" in config)
 
@@ -312,19 +301,8 @@ class MomentFamily(ExpertFamily):
 
     def read_checkpoint(self, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
         """Read ``model.safetensors`` (or a folder holding it) and the sibling ``config.json`` (None if absent)."""
-        path = Path(path)
-        if path.is_dir():
-            found = [path / name for name in WEIGHTS_FILES if (path / name).is_file()]
-            if not found:
-                raise WeightsError(f"{path}: no {' or '.join(WEIGHTS_FILES)} in the folder")
-            path = found[0]
-        state_dict = read_weights(path)
-        if not isinstance(state_dict, dict) or not all(
-            isinstance(v, torch.Tensor) for v in state_dict.values()
-        ):
-            raise WeightsError(f"{path}: expected a flat state_dict of tensors")
+        state_dict, config, path = read_state_dict_with_config(path, WEIGHTS_FILES)
         config_path = path.with_name("config.json")
-        config = _read_json(config_path) if config_path.is_file() else None
         if config is not None and not is_moment_config(config):
             raise WeightsError(
                 f"{config_path}: not a MOMENT config (no model_name 'MOMENT' nor t5_config+patch_len)"
@@ -337,7 +315,7 @@ class MomentFamily(ExpertFamily):
         if not config_path.is_file():
             return None
         try:
-            if not is_moment_config(_read_json(config_path)):
+            if not is_moment_config(read_json_config(config_path)):
                 return None
         except WeightsError:
             return None
