@@ -18,6 +18,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "enecg.pretraining.cli",
     "enecg.evaluation.cli",
     "enecg.training.cli",
+    "enecg.training.seeds_cli",
+    "enecg.quickstart",
 )
 
 
