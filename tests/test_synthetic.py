@@ -284,3 +284,17 @@ def test_cli_help_and_build(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
 def test_bad_options_are_one_line_errors(change: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         SyntheticOptions(**change)
+
+
+def test_low_rates_are_resampled_from_500_hz_and_do_not_hang() -> None:
+    """ECGSYN itself hangs on some records at 100 Hz (seed 0, record 22); enecg simulates at 500 Hz instead."""
+    from scipy.signal import resample_poly
+
+    from enecg.data.synthetic import SIMULATION_FS, SyntheticOptions, simulate_record, synthetic_specs
+
+    spec = synthetic_specs(SyntheticOptions(seed=0, n_records=24))[22]
+    low = simulate_record(spec, fs=100, seconds=5.0)
+    assert low.shape == (12, 500) and low.dtype == np.float32 and np.isfinite(low).all()
+    high = simulate_record(spec, fs=SIMULATION_FS, seconds=5.0)
+    expected = resample_poly(high, 1, 5, axis=-1, padtype="line")[:, :500]
+    np.testing.assert_allclose(low, expected, atol=1e-5)

@@ -73,7 +73,7 @@ from enecg.record import ECGRecord, RecordError
 
 SOURCE = "synthetic"
 # Bump when the same options give different records (the cache key includes it).
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: rates other than 500 Hz are resampled from a 500 Hz simulation
 SYNTHETIC_TASKS: tuple[str, ...] = ("rhythm", "morphology", "heart_rate", "age", "sex", "noisy")
 RHYTHM_CLASSES: tuple[str, ...] = ("SBRAD", "SR", "STACH")
 MORPHOLOGY_LABELS: tuple[str, ...] = ("TINV", "WIDEQRS", "LOWVOLT")
@@ -413,8 +413,27 @@ def _add_noise(clean: np.ndarray, spec: SyntheticRecordSpec, fs: int, rng: np.ra
     )
 
 
+# ECGSYN is always run at this rate. neurokit2 0.2.13 pads its resampled RR series with zeros at low rates
+# (e.g. 100 Hz), and its RR loop then never ends; records for other rates are resampled from 500 Hz instead.
+SIMULATION_FS = 500
+
+
 def simulate_record(spec: SyntheticRecordSpec, fs: int = 500, seconds: float = 10.0) -> np.ndarray:
-    """Simulate one record: float32 ``(12, samples)`` in mV, leads in :data:`STANDARD_12_LEADS` order."""
+    """Simulate one record: float32 ``(12, samples)`` in mV, leads in :data:`STANDARD_12_LEADS` order.
+
+    Simulated at :data:`SIMULATION_FS` and resampled (polyphase, anti-aliased) when ``fs`` differs."""
+    if fs == SIMULATION_FS:
+        return _simulate_at(spec, SIMULATION_FS, seconds)
+    from scipy.signal import resample_poly
+
+    from enecg.contract import resampling_ratio
+
+    up, down = resampling_ratio(SIMULATION_FS, fs)
+    high = _simulate_at(spec, SIMULATION_FS, seconds)
+    return resample_poly(high, up, down, axis=-1, padtype="line")[:, : round(seconds * fs)].astype(np.float32)
+
+
+def _simulate_at(spec: SyntheticRecordSpec, fs: int, seconds: float) -> np.ndarray:
     import neurokit2 as nk
 
     n_samples = round(seconds * fs)
