@@ -46,7 +46,17 @@ HUB_ORG = "local-org"
 ENSEMBLE_REPO = f"{HUB_ORG}/enecg-quickstart-ensemble"
 DEFAULT_OUT = "outputs/quickstart"
 SUMMARY_FILE = "quickstart_summary.json"
-DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+def _default_recipe() -> Path:
+    """``recipes/quickstart.yaml`` of a source checkout, else the copy shipped in the wheel (``enecg.recipes``)."""
+    checkout = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+    if checkout.is_file():
+        return checkout
+    import importlib.resources
+
+    return Path(str(importlib.resources.files("enecg.recipes") / "quickstart.yaml"))
+
+
+DEFAULT_RECIPE = _default_recipe()
 DATA_ENV = "ENECG_DATA_DIR"
 PTBXL_SAMPLE = "ptbxl500"
 PTBXL_TABLE = "ptbxl_database.csv"
