@@ -2,7 +2,7 @@
 
 Safetensors are read directly. Pickled checkpoints (``.pt``, ``.pth``, ``.bin``, ``.ckpt``) are only ever read with
 ``torch.load(weights_only=True)``: a file that needs arbitrary objects to unpickle is refused, naming the file.
-Official loaders use ``strict=False`` and so hide mismatches; :func:`load_state_dict_strict` reports every missing
+Official loaders load non-strictly and so hide mismatches; :func:`load_state_dict_strict` reports every missing
 or unexpected key instead, allowing only keys a spec explicitly expects to drop.
 """
 
