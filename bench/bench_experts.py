@@ -75,7 +75,7 @@ class ExpertCase:
     )
 
 
-_TINY_HUBERT = {
+TINY_HUBERT = {
     "hidden_size": 32,
     "num_hidden_layers": 2,
     "num_attention_heads": 2,
@@ -91,7 +91,7 @@ _TINY_HUBERT = {
     "ensemble_length": 1,
     "vocab_sizes": [10],
 }
-_TINY_MOMENT = {
+TINY_MOMENT = {
     "model_name": "MOMENT",
     "task_name": "reconstruction",
     "transformer_type": "encoder_only",
@@ -112,7 +112,7 @@ _TINY_MOMENT = {
         "layer_norm_epsilon": 1e-6,
     },
 }
-_TINY_NET1D = {
+TINY_NET1D = {
     "in_channels": 12,
     "base_filters": 16,
     "ratio": 1,
@@ -125,7 +125,7 @@ _TINY_NET1D = {
     "use_bn": False,
     "use_do": False,
 }
-_TINY_ECG_FM = {
+TINY_ECG_FM = {
     "_name": "wav2vec2_cmsc",
     "encoder_layers": 2,
     "encoder_embed_dim": 32,
@@ -158,7 +158,7 @@ CASES: tuple[ExpertCase, ...] = (
             name=f"hubert-ecg-{size}",
             family="hubert_ecg",
             input_shape=(6000,),  # 12 leads x 500 samples (5 s at 100 Hz), flattened lead-major
-            quick_config=_TINY_HUBERT,
+            quick_config=TINY_HUBERT,
             manifest=f"hubert_ecg/keys_full_{size}.json",
             manifest_key="config",
             large=size == "large",
@@ -170,7 +170,7 @@ CASES: tuple[ExpertCase, ...] = (
         name="ecgfounder-12lead",
         family="net1d",
         input_shape=(12, 5000),
-        quick_config=_TINY_NET1D,
+        quick_config=TINY_NET1D,
         manifest="ecgfounder/keys_full_12lead.json",
         manifest_key="constructor_kwargs",
         official_reason=_NO_OFFICIAL_NET1D,
@@ -179,7 +179,7 @@ CASES: tuple[ExpertCase, ...] = (
         name="ecg-fm-pretrained",
         family="ecg_fm",
         input_shape=(12, 2500),
-        quick_config=_TINY_ECG_FM,
+        quick_config=TINY_ECG_FM,
         manifest="ecgfm/keys_full_pretrained.json",
         manifest_key="model_cfg_full",
         official_reason=_NO_OFFICIAL_ECG_FM,
@@ -189,7 +189,7 @@ CASES: tuple[ExpertCase, ...] = (
             name=f"moment-1-{size}",
             family="moment",
             input_shape=(12, 512),
-            quick_config=_TINY_MOMENT,
+            quick_config=TINY_MOMENT,
             manifest=f"moment/keys_full_{size}.json",
             manifest_key="config",
             large=size == "large",

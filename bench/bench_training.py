@@ -53,6 +53,10 @@ from typing import Any
 import numpy as np
 import torch
 
+# Shared with the expert bench: the tiny --quick configs and the parity-fixture location (this file runs as a
+# script, so its folder is on sys.path).
+from bench_experts import TINY_HUBERT, TINY_NET1D, default_parity_dir
+
 # Default-off progress bars (dataset preparation); tqdm reads this when first imported. The trainer's own bar sets
 # `disable` explicitly and still shows on stderr.
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -86,45 +90,16 @@ class FoundationExpert:
     quick_config: dict[str, Any] = field(metadata={"help": "Tiny config of the same family for --quick."})
 
 
-_TINY_NET1D = {
-    "in_channels": 12,
-    "base_filters": 16,
-    "ratio": 1,
-    "filter_list": [16, 32, 32, 64],
-    "m_blocks_list": [1, 1, 1, 1],
-    "kernel_size": 16,
-    "stride": 2,
-    "groups_width": 16,
-    "n_classes": 5,
-    "use_bn": False,
-    "use_do": False,
-}
-_TINY_HUBERT = {
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "intermediate_size": 64,
-    "conv_dim": [32] * 5,
-    "conv_kernel": [10, 3, 3, 2, 2],
-    "conv_stride": [4, 2, 2, 2, 2],
-    "conv_bias": False,
-    "feat_extract_norm": "group",
-    "num_conv_pos_embeddings": 16,
-    "num_conv_pos_embedding_groups": 4,
-    "classifier_proj_size": 16,
-    "ensemble_length": 1,
-    "vocab_sizes": [10],
-}
 FOUNDATION_EXPERTS = (
     FoundationExpert(
         "ecgfounder",
         "ecgfounder-12lead",
         "ecgfounder/keys_full_12lead.json",
         "constructor_kwargs",
-        _TINY_NET1D,
+        TINY_NET1D,
     ),
     FoundationExpert(
-        "hubert_small", "hubert-ecg-small", "hubert_ecg/keys_full_small.json", "config", _TINY_HUBERT
+        "hubert_small", "hubert-ecg-small", "hubert_ecg/keys_full_small.json", "config", TINY_HUBERT
     ),
 )
 
@@ -144,10 +119,6 @@ LIGHT_EXPERTS: tuple[dict[str, Any], ...] = (
         "create": {"architecture": "ParallelCNN", "pretrain_task": "superclass", "use_demographics": True},
     },
 )
-
-
-def default_parity_dir() -> Path:
-    return Path(os.environ.get("ENECG_PARITY_DIR", REPO.parent / "shared" / "fixtures" / "parity"))
 
 
 def default_data_dir() -> Path:
