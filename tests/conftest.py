@@ -56,3 +56,17 @@ def cinc_dir(data_dir: Path) -> Path:
     if not path.is_dir():
         pytest.skip(f"CinC sample not found at {path}")
     return path
+
+
+TRAINING_TASKS = ("superclass", "sex", "age")
+
+
+@pytest.fixture(scope="session")
+def ptbxl_training_dataset(ptbxl_dir: Path) -> Path:
+    """The PTB-XL sample at 100 Hz with the training tests' tasks, prepared once in a fixed temp folder shared by
+    the training, feature-cache, resume and multi-process tests (prepare_ptbxl's cache key decides on rebuilds)."""
+    from enecg.data.ptbxl import PtbxlOptions, prepare_ptbxl
+
+    out = Path(tempfile.gettempdir()) / "enecg-tests" / "ptbxl500-100hz-training"
+    prepare_ptbxl(ptbxl_dir, out, PtbxlOptions(rate=100, tasks=TRAINING_TASKS))
+    return out

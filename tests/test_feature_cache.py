@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import collections
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from enecg.contract import InputContract
-from enecg.data.ptbxl import PtbxlOptions, prepare_ptbxl
 from enecg.ensemble.config import EnsembleConfig, ExpertRef, GateSettings, HeadSettings, TaskConfig
 from enecg.ensemble.inputs import EnsembleInputBuilder
 from enecg.ensemble.model import Ensemble
@@ -45,11 +43,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def dataset_dir(ptbxl_dir: Path) -> Path:
-    """PTB-XL sample at 100 Hz, shared by the training tests (prepare_ptbxl reuses an identical build)."""
-    out = Path(tempfile.gettempdir()) / "enecg-tests" / "ptbxl500-100hz-training"
-    prepare_ptbxl(ptbxl_dir, out, PtbxlOptions(rate=100, tasks=TASKS))
-    return out
+def dataset_dir(ptbxl_training_dataset: Path) -> Path:
+    return ptbxl_training_dataset
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,6 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,6 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from enecg.data.ptbxl import PtbxlOptions, prepare_ptbxl
 from enecg.training.recipe import LightExpertSpec
 from enecg.training.trainer import (
     BEST_DIR,
@@ -105,12 +103,11 @@ DRIVER = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def setup(ptbxl_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def setup(ptbxl_training_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from enecg.data.build import load_dataset_dir
     from enecg.training.light_experts import create_light_expert
 
-    dataset_dir = Path(tempfile.gettempdir()) / "enecg-tests" / "ptbxl500-100hz-training"
-    prepare_ptbxl(ptbxl_dir, dataset_dir, PtbxlOptions(rate=100, tasks=TASKS))
+    dataset_dir = ptbxl_training_dataset
     dataset, meta = load_dataset_dir(dataset_dir)
     root = tmp_path_factory.mktemp("multiprocess")
     experts = {}

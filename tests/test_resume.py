@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
@@ -19,7 +18,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from enecg.data.ptbxl import PtbxlOptions, prepare_ptbxl
 from enecg.training.recipe import LightExpertSpec
 from enecg.training.trainer import BEST_DIR, TRAINABLE_WEIGHTS_FILE, TRAINER_STATE_FILE, latest_checkpoint
 
@@ -59,12 +57,11 @@ DRIVER = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def setup(ptbxl_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def setup(ptbxl_training_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from enecg.data.build import load_dataset_dir
     from enecg.training.light_experts import create_light_expert
 
-    dataset_dir = Path(tempfile.gettempdir()) / "enecg-tests" / "ptbxl500-100hz-training"
-    prepare_ptbxl(ptbxl_dir, dataset_dir, PtbxlOptions(rate=100, tasks=TASKS))
+    dataset_dir = ptbxl_training_dataset
     dataset, meta = load_dataset_dir(dataset_dir)
     root = tmp_path_factory.mktemp("resume")
     experts = {}

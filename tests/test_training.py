@@ -45,10 +45,8 @@ def fresh_accelerate_state():
 
 
 @pytest.fixture(scope="module")
-def dataset_dir(ptbxl_dir: Path) -> Path:
-    out = Path(tempfile.gettempdir()) / "enecg-tests" / "ptbxl500-100hz-training"
-    prepare_ptbxl(ptbxl_dir, out, PtbxlOptions(rate=100, tasks=TASKS))
-    return out
+def dataset_dir(ptbxl_training_dataset: Path) -> Path:
+    return ptbxl_training_dataset
 
 
 @pytest.fixture(scope="module")
