@@ -50,11 +50,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+# This file runs as a script, so its folder is on sys.path: the ensemble-quality protocol lives next to it, and the
+# expert bench shares the tiny --quick configs and the parity-fixture location.
+import ensemble_quality
 import numpy as np
 import torch
-
-# Shared with the expert bench: the tiny --quick configs and the parity-fixture location (this file runs as a
-# script, so its folder is on sys.path).
 from bench_experts import TINY_HUBERT, TINY_NET1D, default_parity_dir
 
 # Default-off progress bars (dataset preparation); tqdm reads this when first imported. The trainer's own bar sets
@@ -64,7 +64,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench" / "results" / "training.json"
 SCHEMA_VERSION = 1
-SECTIONS = ("feature_cache", "memory", "moe")
+SECTIONS = ("feature_cache", "memory", "ensemble")
 TASKS = ("superclass", "sex", "age")
 SUPERCLASSES = ("NORM", "MI", "STTC", "CD", "HYP")
 MEMORY_MODES = ("ensemble_cached", "ensemble", "full_finetune")
@@ -257,6 +257,7 @@ def _base_recipe(dataset_dir: Path, out_dir: Path, **sections: Any) -> dict[str,
             "heads": {"hidden_sizes": [128, 128], "dropout": 0.1},
             "lora": {"on_heads": True, "r": 8, "alpha": 16},
             "gate": {"input": "signal", "hidden_sizes": [64]},
+            "strategy": {"name": "joint"},  # one phase: epoch times compare like with like
         },
         "optim": {
             "seed": 42,
@@ -289,37 +290,55 @@ def _base_recipe(dataset_dir: Path, out_dir: Path, **sections: Any) -> dict[str,
 # 1. Feature cache vs recomputing the experts
 
 
+class EpochTimer:
+    """Trainer callback timing each epoch's training loop and its end (validation, selection, checkpoint)."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, list[float]] = {"train": [], "validation": []}
+        self._start = 0.0
+
+    def on_epoch_begin(self, loop: Any) -> None:
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, loop: Any) -> None:
+        now = time.perf_counter()
+        self.times["train"].append(now - self._start)
+        self._start = now
+
+    def on_evaluate(self, loop: Any, logs: dict[str, Any]) -> None:
+        if logs.get("epoch", 0) > 0:  # not the optional epoch-0 validation
+            self.times["validation"].append(time.perf_counter() - self._start)
+
+    def on_phase_begin(self, loop: Any) -> None: ...
+
+    def on_phase_end(self, loop: Any) -> None: ...
+
+    def on_micro_batch_end(self, loop: Any) -> None: ...
+
+    def on_step_end(self, loop: Any) -> None: ...
+
+    def on_checkpoint(self, loop: Any, path: Path) -> None: ...
+
+
 @contextlib.contextmanager
-def timed_trainer() -> Iterator[dict[str, list[float]]]:
-    """Time the trainer's phases: each epoch's training loop, its end (validation, selection) and each feature table
-    built for the cache. (Wraps the trainer's own methods for the duration; restores them after.)"""
+def timed_feature_tables() -> Iterator[list[float]]:
+    """Time each feature table the trainer builds (wraps the trainer module's reference for the duration)."""
     from enecg.training import trainer
 
-    times: dict[str, list[float]] = {"train": [], "validation": [], "feature_tables": []}
-    train_epoch, end_of_epoch, build_table = (
-        trainer._Loop._train_epoch,
-        trainer._Loop._end_of_epoch,
-        trainer.build_feature_table,
-    )
+    times: list[float] = []
+    build_table = trainer.build_feature_table
 
-    def timed(function: Callable[..., Any], key: str) -> Callable[..., Any]:
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                times[key].append(time.perf_counter() - start)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return build_table(*args, **kwargs)
+        finally:
+            times.append(time.perf_counter() - start)
 
-        return wrapper
-
-    trainer._Loop._train_epoch = timed(train_epoch, "train")
-    trainer._Loop._end_of_epoch = timed(end_of_epoch, "validation")
-    trainer.build_feature_table = timed(build_table, "feature_tables")
+    trainer.build_feature_table = wrapper
     try:
         yield times
     finally:
-        trainer._Loop._train_epoch = train_epoch
-        trainer._Loop._end_of_epoch = end_of_epoch
         trainer.build_feature_table = build_table
 
 
@@ -329,10 +348,12 @@ def _train_timed(recipe_dict: dict[str, Any], expert_loader: Callable[..., Any] 
 
     _reset_accelerate()
     recipe = parse_recipe_dict(recipe_dict)
-    with timed_trainer() as times:
+    timer = EpochTimer()
+    with timed_feature_tables() as tables:
         start = time.perf_counter()
-        result = train(recipe, expert_loader=expert_loader).run
+        result = train(recipe, expert_loader=expert_loader, callbacks=[timer]).run
         total = time.perf_counter() - start
+    times = {**timer.times, "feature_tables": tables}
     epochs = [a + b for a, b in zip(times["train"], times["validation"])]
     return {
         "epoch_s": epochs,
@@ -699,148 +720,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 4. Mixture of experts vs each expert vs uniform average (5-fold CV)
-
-
-def _macro_auroc(labels: np.ndarray, predictions: np.ndarray) -> float:
-    from enecg.evaluation.metrics import multilabel_metrics
-
-    result = multilabel_metrics(labels, predictions, np.full(labels.shape[1], 0.5), list(SUPERCLASSES))
-    return float(result["macro"]["auroc"])
-
-
-def _moe_recipe(
-    args: argparse.Namespace, dataset_dir: Path, work: Path, experts: Sequence[dict[str, Any]], run_name: str
-) -> dict[str, Any]:
-    return _base_recipe(
-        dataset_dir,
-        work / run_name,
-        data={
-            "kfold": 5,
-            "folds": list(args.folds),
-            "max_records": QUICK_RECORDS if args.quick else None,
-            "cache_dir": str(work / "features"),  # shared by every run: each fold's experts embed once
-        },
-        experts=list(experts),
-        optim={"epochs": 2 if args.quick else args.moe_epochs, "seed": args.seed},
-        output={"save_model": True},
-    )
-
-
-def bench_moe(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from enecg.data.build import load_dataset_dir
-    from enecg.data.schema import TaskInfo
-    from enecg.ensemble.model import Ensemble
-    from enecg.evaluation.runner import collect_predictions
-    from enecg.training.recipe import parse_recipe_dict
-    from enecg.training.trainer import train
-
-    dataset_dir = prepare_dataset(args.data_dir, 5)
-    dataset, meta = load_dataset_dir(dataset_dir)
-    superclass = meta.task("superclass")
-    pretrain_steps = 2 if args.quick else args.pretrain_steps
-    experts = [
-        {
-            "name": e["name"],
-            "source": str(work / "experts" / e["name"]),
-            "create": light_spec(e, args.quick, pretrain_steps=pretrain_steps),
-        }
-        for e in LIGHT_EXPERTS
-    ]
-    names = [e["name"] for e in experts]
-
-    _reset_accelerate()
-    start = time.perf_counter()
-    result = train(parse_recipe_dict(_moe_recipe(args, dataset_dir, work, experts, "moe")))
-    moe_s = time.perf_counter() - start
-
-    folds = []
-    for run in result.runs:
-        model = Ensemble.from_pretrained(run.model_dir)
-        part = dataset[run.test_part]
-        if args.quick:
-            part = part.select(range(min(QUICK_RECORDS, len(part))))
-        task = TaskInfo(name="superclass", type="multilabel", names=list(superclass.names))
-        predictions = collect_predictions(model, part, [task], batch_size=64)
-        y = predictions.labels["superclass"]
-        row: dict[str, Any] = {
-            "fold": run.fold,
-            "test_part": run.test_part,
-            "n_test": len(part),
-            "best_epoch": run.best_epoch,
-            "mixture_of_experts": _macro_auroc(y, predictions.predictions["superclass"]),
-            "uniform_average": _macro_auroc(y, predictions.uniform_predictions["superclass"]),
-            "expert_head": {
-                name: _macro_auroc(y, predictions.expert_predictions["superclass"][:, e])
-                for e, name in enumerate(model.expert_names)
-            },
-            # The trainer's own test evaluation of the same model (through the feature cache): a cross-check.
-            "trainer_test_macro_auroc": _finite(run.test.get("superclass/macro_auroc")),
-            "mean_gate_weight": {
-                name: float(predictions.gate_weights["superclass"][:, e].mean())
-                for e, name in enumerate(model.expert_names)
-            },
-        }
-        folds.append(row)
-
-    single_s = None
-    if args.single_expert_runs:
-        # Each expert alone, trained by the same recipe (its created per-fold folder and cached embeddings are
-        # reused, so it is the same expert): heads + LoRA with a one-expert gate.
-        start = time.perf_counter()
-        for name, expert in zip(names, experts):
-            _reset_accelerate()
-            alone = train(parse_recipe_dict(_moe_recipe(args, dataset_dir, work, [expert], f"single_{name}")))
-            for row, run in zip(folds, alone.runs):
-                model = Ensemble.from_pretrained(run.model_dir)
-                part = dataset[run.test_part]
-                if args.quick:
-                    part = part.select(range(min(QUICK_RECORDS, len(part))))
-                task = TaskInfo(name="superclass", type="multilabel", names=list(superclass.names))
-                predictions = collect_predictions(model, part, [task], batch_size=64)
-                row.setdefault("single_expert_run", {})[name] = _macro_auroc(
-                    predictions.labels["superclass"], predictions.predictions["superclass"]
-                )
-        single_s = time.perf_counter() - start
-
-    def summary(values: list[float]) -> dict[str, Any]:
-        array = np.asarray(values, dtype=float)
-        return {
-            "mean": float(array.mean()),
-            "sd": float(array.std(ddof=1)) if len(array) > 1 else None,
-            "n": len(array),
-            "values": [float(v) for v in array],
-        }
-
-    methods: dict[str, list[float]] = {
-        "mixture_of_experts": [r["mixture_of_experts"] for r in folds],
-        "uniform_average": [r["uniform_average"] for r in folds],
-    }
-    for name in names:
-        methods[f"expert_head:{name}"] = [r["expert_head"][name] for r in folds]
-        if args.single_expert_runs:
-            methods[f"single_expert_run:{name}"] = [r["single_expert_run"][name] for r in folds]
-    best_single = [max((r.get("single_expert_run") or r["expert_head"]).values()) for r in folds]
-    paired = {
-        "moe_minus_uniform": summary([r["mixture_of_experts"] - r["uniform_average"] for r in folds]),
-        "moe_minus_best_single": summary([m - b for m, b in zip(methods["mixture_of_experts"], best_single)]),
-    }
-    return {
-        "dataset": {
-            "path": str(dataset_dir),
-            "parts": {p: meta.splits.get(p) for p in sorted(meta.splits)},
-            "kfold": "5 parts = PTB-XL strat folds {1,2},{3,4},{5,6},{7,8},{9,10}; run i tests part i, selects on "
-            "part i+1 (mod 5), trains on the other three",
-        },
-        "metric": "macro AUROC over the 5 diagnostic superclasses (test part of each fold)",
-        "experts": {e["name"]: e["create"] for e in experts},
-        "folds": folds,
-        "summary": {k: summary(v) for k, v in methods.items()},
-        "paired": paired,
-        "best_single_source": "single_expert_run" if args.single_expert_runs else "expert_head",
-        "moe_train_s": moe_s,
-        "single_expert_runs_s": single_s,
-    }
+# 4. Ensemble quality over folds x seeds (bench/ensemble_quality.py)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -892,16 +772,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="Training steps per memory mode (the 2nd step holds activations, gradients and AdamW state).",
     )
     parser.add_argument("--child-timeout", type=float, default=300.0, help="Seconds per memory subprocess.")
-    parser.add_argument("--folds", default="0,1,2,3,4", help="k-fold runs of the MoE comparison.")
-    parser.add_argument("--moe-epochs", type=int, default=12, help="Epochs per MoE run (early stopping 5).")
+    parser.add_argument("--folds", default="0,1,2,3,4", help="Ensemble section: k-fold runs (of 5).")
+    parser.add_argument("--seeds", default="0,1,2", help="Ensemble section: training seeds per fold.")
     parser.add_argument(
-        "--pretrain-steps", type=int, default=40, help="Pretraining steps per created expert (batch 32)."
+        "--variants",
+        default=",".join(ensemble_quality.VARIANTS),
+        help=f"Ensemble section: subset of {', '.join(ensemble_quality.VARIANTS)}.",
     )
     parser.add_argument(
-        "--single-expert-runs",
+        "--pool",
+        choices=("none", "cinc"),
+        default="none",
+        help="Ensemble section: 'cinc' adds the CinC sample (superclasses via SNOMED CT) to every training part.",
+    )
+    parser.add_argument(
+        "--bootstrap", type=int, default=200, help="Ensemble section: paired bootstrap resamples per run."
+    )
+    parser.add_argument(
+        "--figure",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="Also train each expert alone per fold (else single experts = their heads inside the ensemble).",
+        help="Ensemble section: write the figure next to the JSON (--out with .png).",
     )
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -912,12 +803,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.memory_sets = _choices(args.memory_sets, ("foundation", "light"), "--memory-sets")
     args.memory_modes = _choices(args.memory_modes, MEMORY_MODES, "--memory-modes")
     args.folds = [int(f) for f in args.folds.split(",") if f.strip()]
+    args.seeds = [int(f) for f in args.seeds.split(",") if f.strip()]
+    args.variants = _choices(args.variants, tuple(ensemble_quality.VARIANTS), "--variants")
     if args.quick:
         args.cache_epochs = args.cache_fm_epochs = 1
         args.memory_steps = 1
         args.memory_batch_fm = 2
         args.memory_batch_light = 4
-        args.folds = args.folds[:2]
+        args.folds = args.folds[:1]
+        args.seeds = args.seeds[:1]
+        args.bootstrap = min(args.bootstrap, 20)
     return args
 
 
@@ -965,15 +860,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             t0 = time.perf_counter()
             document["memory"], document["trainable_parameters"] = bench_memory(args)
             document["memory_section_s"] = time.perf_counter() - t0
-        if "moe" in args.sections:
+        if "ensemble" in args.sections:
             t0 = time.perf_counter()
-            document["moe"] = bench_moe(args, work / "moe")
-            document["moe_section_s"] = time.perf_counter() - t0
+            key = "ensemble" if args.pool == "none" else f"ensemble_pool_{args.pool}"
+            document[key] = ensemble_quality.bench_ensemble(args, work / "ensemble")
+            document[f"{key}_section_s"] = time.perf_counter() - t0
     finally:
         if not args.keep_work and args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
     document["machine"]["load_average_1min_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     document["total_s"] = time.perf_counter() - started
+    if args.out.is_file() and not args.quick:
+        # Sections not run this time keep their previous results (each records its own settings and machine).
+        previous = json.loads(args.out.read_text())
+        previous_sections = {k: v for k, v in previous.items() if k not in document and k != "runs_of"}
+        document = {**previous_sections, **document}
     write_json_atomic(args.out, document)
     LOG.info("wrote %s (%.0f s)", args.out, document["total_s"])
     return 0

@@ -89,6 +89,9 @@ def report_run(recipe: Recipe, run: RunResult, *, recipe_path: str | None = None
         n_examples=recipe.evaluation.report_examples,
         out_dir=report_dir,
         title=f"enecg ensemble — {meta.source} {run.test_part}",
+        train_splits=_train_parts(recipe, run),
+        feature_cache=recipe.data.cache_dir or Path(recipe.output.dir) / "feature_cache",
+        extra_train=recipe.data.extra_train,
     )
     dataset = _dataset_cards().get(meta.source, DatasetCardInfo(name=meta.source))
     repo_id = recipe.hub.repo_id or model_dir.name
@@ -96,7 +99,15 @@ def report_run(recipe: Recipe, run: RunResult, *, recipe_path: str | None = None
         model,
         repo_id,
         datasets=[dataset],
-        evaluations=[EvaluationSummary(split=run.test_part, tasks=evaluation["tasks"], dataset=dataset.name)],
+        evaluations=[
+            EvaluationSummary(
+                split=run.test_part,
+                tasks=evaluation["tasks"],
+                dataset=dataset.name,
+                paired=evaluation.get("paired", {}),
+                best_single_expert=(evaluation.get("baseline_details") or {}).get("best_single_expert", {}),
+            )
+        ],
         gate_mean_weights=(evaluation.get("gate") or {}).get("mean_weights", {}),
         gate_split=run.test_part,
         training=TrainingSummary(
@@ -112,6 +123,15 @@ def report_run(recipe: Recipe, run: RunResult, *, recipe_path: str | None = None
     save_card_context(context, model_dir)
     logger.info("run %s: report in %s, card with test results in %s", run.name or "hold-out", report_dir, model_dir)
     return report_dir
+
+
+def _train_parts(recipe: Recipe, run: RunResult) -> list[str]:
+    """The dataset parts a run trained on (hold-out: the recipe's; k-fold: every fold but its validation and
+    test folds)."""
+    from enecg.training.data import plan_runs
+
+    plans = {plan.name: plan for plan in plan_runs(recipe)}
+    return list(plans[run.name].train_parts) if run.name in plans else list(recipe.data.train_parts)
 
 
 def push_result(recipe: Recipe, result: TrainResult) -> None:

@@ -13,19 +13,20 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from enecg.contract import InputContract
+from enecg.data.rows import rows_to_records
 from enecg.ensemble.config import EnsembleConfig, ExpertRef, GateSettings, HeadSettings, TaskConfig
-from enecg.ensemble.inputs import EnsembleInputBuilder
-from enecg.ensemble.model import Ensemble
-from enecg.experts.expert import load_expert
-from enecg.experts.inhouse import WEIGHTS_FILE, save_inhouse_expert
-from enecg.training.data import RecordBatches, rows_to_records
-from enecg.training.feature_cache import (
+from enecg.ensemble.feature_cache import (
     MANIFEST_FILE,
     FeatureCache,
     build_feature_table,
     expert_cache_key,
     record_key,
 )
+from enecg.ensemble.inputs import EnsembleInputBuilder
+from enecg.ensemble.model import Ensemble
+from enecg.experts.expert import load_expert
+from enecg.experts.inhouse import WEIGHTS_FILE, save_inhouse_expert
+from enecg.training.data import RecordBatches
 from enecg.training.light_experts import create_light_expert
 from enecg.training.recipe import LightExpertSpec, parse_recipe_dict
 from enecg.training.trainer import train

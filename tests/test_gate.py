@@ -8,14 +8,15 @@ import pytest
 import torch
 
 from enecg.ensemble.config import GateSettings
-from enecg.ensemble.gate import ENTROPY, LOAD_BALANCE, Gate, load_balance_loss, router_entropy
+from enecg.ensemble.gate import ENTROPY, LOAD_BALANCE, ROUTING, Gate, load_balance_loss, router_entropy
 
 CONTRACT = {"fs": 100.0, "leads": ["II"], "length": 50}
 
 
 def make_gate(num_experts: int = 4, num_groups: int = 1, **kwargs) -> Gate:
     torch.manual_seed(0)
-    settings = GateSettings(contract=CONTRACT, hidden_sizes=[16], **kwargs)
+    # A random router start (not the uniform one): these tests look at how records are routed.
+    settings = GateSettings(contract=CONTRACT, hidden_sizes=[16], **{"init_uniform": False, **kwargs})
     return Gate(settings, num_experts, num_groups, embedding_dims=[8, 12, 6, 10][:num_experts])
 
 
@@ -27,7 +28,7 @@ def test_dense_weights_are_a_softmax_summing_to_one(groups):
     torch.testing.assert_close(out.weights.sum(-1), torch.ones(7, groups))
     assert (out.weights > 0).all() and out.routed.all()
     torch.testing.assert_close(out.log_weights.exp(), out.weights)
-    assert set(out.aux_losses) == {LOAD_BALANCE, ENTROPY}
+    assert set(out.aux_losses) == {LOAD_BALANCE, ENTROPY, ROUTING}
 
 
 @pytest.mark.parametrize("k", [1, 2])
@@ -145,3 +146,45 @@ def test_uniform_gate():
     assert list(gate.parameters()) == []
     with pytest.raises(ValueError, match="top_k"):
         GateSettings(input="uniform", top_k=1)
+
+
+@pytest.mark.parametrize("kind", ["signal", "embeddings"])
+def test_uniform_start_and_routing_penalty(kind):
+    gate = make_gate(num_experts=3, num_groups=2, input=kind, init_uniform=True)
+    inputs = (
+        torch.randn(5, 1, 50)
+        if kind == "signal"
+        else [torch.randn(5, 8), torch.randn(5, 12), torch.randn(5, 6)]
+    )
+    out = gate(inputs)
+    torch.testing.assert_close(out.weights, torch.full((5, 2, 3), 1 / 3))
+    assert float(out.aux_losses[ROUTING]) == 0.0
+    # The penalty is the mean over records and groups of the squared record-dependent logits, centred over
+    # experts; the router's bias (the per-group weights) is free.
+    with torch.no_grad():
+        gate.router.bias.copy_(torch.tensor([1.0, 0.0, -1.0, 0.5, 0.5, 0.0]))
+        gate.router.weight.normal_()
+    out = gate(inputs)
+    hidden = gate.trunk(gate._features(inputs)).mean(dim=1)
+    record = (hidden @ gate.router.weight.T).reshape(5, 2, 3)
+    record = record - record.mean(dim=-1, keepdim=True)
+    torch.testing.assert_close(out.aux_losses[ROUTING], record.pow(2).sum(-1).mean())
+
+
+def test_global_gate_learns_one_weight_vector_per_group():
+    gate = make_gate(num_experts=3, num_groups=2, input="global", init_uniform=True)
+    assert [n for n, _ in gate.named_parameters()] == ["router_bias"]
+    out = gate.global_weights(4)
+    torch.testing.assert_close(out.weights, torch.full((4, 2, 3), 1 / 3))
+    with torch.no_grad():
+        gate.router_bias.copy_(torch.tensor([2.0, 0.0, 0.0, 0.0, 0.0, 3.0]))
+    out = gate.global_weights(4)
+    assert torch.equal(out.weights[0], out.weights[3])  # the same for every record
+    assert out.weights[0, 0].argmax() == 0 and out.weights[0, 1].argmax() == 2
+    with pytest.raises(RuntimeError, match="reads no input"):
+        gate(torch.randn(4, 1, 50))
+
+
+def test_sparse_router_keeps_a_random_start():
+    gate = make_gate(num_experts=4, input="signal", top_k=1, init_uniform=True)
+    assert gate.router.weight.abs().sum() > 0

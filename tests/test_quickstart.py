@@ -228,6 +228,53 @@ def test_ensemble_beats_a_constant_predictor(quickstart: SimpleNamespace) -> Non
     assert summary["metrics"]["tasks"][regression]["beats_constant"] is True
 
 
+@pytest.mark.slow
+def test_summary_compares_the_ensemble_with_its_baselines(quickstart: SimpleNamespace) -> None:
+    """Every task row: the ensemble against the uniform average, the validation-chosen single expert and the
+    stacker, each with the paired difference taken from the report (so the printed numbers are the report's)."""
+    summary = quickstart.summary
+    report = json.loads(Path(summary["report"]["json"]).read_text())
+    assert summary["strategy"] == "staged"
+    for task, row in summary["metrics"]["tasks"].items():
+        assert set(row["baselines"]) == {
+            "uniform average",
+            "best single expert (validation)",
+            "stacker (out-of-fold probes)",
+        }
+        for name, base in row["baselines"].items():
+            paired = report["paired"][task][name]
+            assert base["difference"] == paired["difference"] and base["value"] == paired["b"]
+        assert row["baselines"]["best single expert (validation)"]["expert"] in {e["name"] for e in summary["experts"]}
+    if quickstart.printed is not None:
+        assert "vs best single expert (validation)" in quickstart.printed
+
+
+@pytest.mark.slow
+def test_printed_next_commands_work_as_printed(quickstart: SimpleNamespace, tmp_path: Path) -> None:
+    """The commands the summary prints run in a fresh environment: no HF_* variable to guess."""
+    import shlex
+    import subprocess
+    import sys
+
+    commands = quickstart.summary["next_commands"]
+    assert [c.split()[:2] for c in commands] == [["enecg", "evaluate"], ["enecg", "predict"]]
+    if quickstart.printed is not None:
+        assert all(c in quickstart.printed for c in commands)
+    enecg = Path(sys.executable).with_name("enecg")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE", "TRANSFORMERS_"))}
+    env["HOME"] = str(tmp_path)  # not even a user cache to fall back on
+    for command in commands:
+        argv = shlex.split(command)
+        done = subprocess.run(
+            [str(enecg), *argv[1:]], env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path
+        )
+        assert done.returncode == 0, f"{command}\n{done.stderr[-2000:]}"
+        if argv[1] == "predict":
+            assert "gate" in done.stdout
+        else:
+            assert "report:" in done.stdout and "ensemble -" in done.stdout
+
+
 # ------------------------------------------------------------------------------------------ unit tests
 
 

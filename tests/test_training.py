@@ -104,7 +104,12 @@ def test_created_experts_and_saved_model(trained: dict[str, Any]) -> None:
         assert info["pretrain_task"] == task and info["pretrain_steps"] == 100
         load_expert(folder)  # a complete, loadable in-house expert
 
-    best = load_file(str(run / BEST_DIR / TRAINABLE_WEIGHTS_FILE))
+    # The shipped recipe is staged: each expert's task head was selected on its own in stage 1, the gate in stage 2.
+    best: dict[str, torch.Tensor] = {}
+    heads = sorted((run / "stage1" / BEST_DIR).rglob(TRAINABLE_WEIGHTS_FILE))
+    assert len(heads) == 6  # 2 experts x 3 tasks
+    for path in [*heads, run / "gate" / BEST_DIR / TRAINABLE_WEIGHTS_FILE]:
+        best |= {k: v for k, v in load_file(str(path)).items() if not k.startswith("buffer::")}
     assert any(".heads.superclass." in k for k in best) and any(k.startswith("gate.") for k in best)
     try:
         from enecg.ensemble.serialization import from_pretrained
@@ -171,27 +176,36 @@ def test_per_task_losses_metrics_and_gate_weights_are_logged(trained: dict[str, 
     accumulator = EventAccumulator(str(events[0]))
     accumulator.Reload()
     tags = set(accumulator.Tags()["scalars"])
+    # Staged: stage 1 logs each expert's own losses and validation metrics; the gate phase the mixture's, and the
+    # per-task gate weights (training batches and validation).
     expected = {
-        "train/loss",
-        "train/superclass",
-        "train/sex",
-        "train/age",
-        "train/step_loss",
-        "train/lr",
-        "gate_weight/simplenet",
-        "gate_weight/attianet",
-        "val/gate_weight/simplenet",
-        "val/gate_weight/attianet",
-        "val/superclass/macro_auroc",
-        "val/sex/auroc",
-        "val/age/mae",
-        "val/mean_headline",
-        "val/loss",
+        "stage1/train/loss",
+        "stage1/train/step_loss",
+        "stage1/train/lr",
+        *(f"stage1/train/{e}/{t}" for e in ("simplenet", "attianet") for t in TASKS),
+        "stage1/val/simplenet/superclass/macro_auroc",
+        "stage1/val/attianet/age/mae",
+        "stage1/val/simplenet/superclass/selection",
+        "oof_0/train/loss",
+        "gate/train/loss",
+        "gate/train/superclass",
+        "gate/train/age",
+        "gate/gate_weight/superclass/simplenet",
+        "gate/val/gate_weight/age/attianet",
+        "gate/val/superclass/macro_auroc",
+        "gate/val/sex/auroc",
+        "gate/val/age/mae",
+        "gate/val/mean_headline",
+        "gate/val/loss",
     }
     assert expected <= tags, sorted(expected - tags)
-    weights = [e.value for e in accumulator.Scalars("gate_weight/simplenet")]
-    others = [e.value for e in accumulator.Scalars("gate_weight/attianet")]
-    assert all(abs(a + b - 1) < 1e-4 for a, b in zip(weights, others))
+    weights = [e.value for e in accumulator.Scalars("gate/gate_weight/superclass/simplenet")]
+    others = [e.value for e in accumulator.Scalars("gate/gate_weight/superclass/attianet")]
+    assert weights and all(abs(a + b - 1) < 1e-4 for a, b in zip(weights, others))
+    # Phases continue the run's step count: the gate's steps come after stage 1's and the folds'.
+    assert min(e.step for e in accumulator.Scalars("gate/train/loss")) > max(
+        e.step for e in accumulator.Scalars("stage1/train/loss")
+    )
 
 
 def _tiny_recipe(dataset_dir: Path, root: Path, **sections: Any):
@@ -210,7 +224,7 @@ def _tiny_recipe(dataset_dir: Path, root: Path, **sections: Any):
             },
         ],
         "tasks": [{"name": t} for t in TASKS],
-        "model": {"heads": {"hidden_sizes": [16]}, "gate": {"hidden_sizes": [8]}},
+        "model": {"heads": {"hidden_sizes": [16]}, "gate": {"hidden_sizes": [8]}, "strategy": {"name": "joint"}},
         "optim": {"epochs": 1, "batch_size": 16},
         "evaluation": {"bootstrap_resamples": 0},
         "output": {"dir": str(root / "run"), "save_model": False},

@@ -7,6 +7,11 @@ physionetchallenges/evaluation-2021): 30 codes scored as 26 classes, four pairs 
 for all of them (the Dx line is a complete diagnosis list, as in the Challenge scoring); a record with no ``Dx``
 line gets an all-NaN (missing) label.
 
+The ``superclass`` task gives the PTB-XL diagnostic superclasses (NORM, MI, STTC, CD, HYP) from the same codes
+(:func:`enecg.data.label_maps.superclass_labels`: present when any code maps to one of the superclass's
+statements, absent only when every code is known, else missing), so CinC records can train or test a PTB-XL
+superclass model.
+
 The sources carry no patient ids, so each record is its own patient for the seeded patient-level split.
 ``HR*`` records are PTB-XL records (``HR00042`` = PTB-XL ``ecg_id`` 42, resampled to 500 Hz): when both
 sources are used, pass ``ptbxl_root`` and the CinC copies of records present in that PTB-XL database are dropped
@@ -24,13 +29,14 @@ from typing import Any
 import pandas as pd
 
 from enecg.data.build import BuildPlan, RecordJob, build_dataset
+from enecg.data.label_maps import SUPERCLASSES, superclass_labels
 from enecg.data.schema import TaskInfo
 from enecg.data.targets import AGE_TASK, SEX_TASK
 from enecg.data.wfdb_folder import SplitOptions, find_headers
 from enecg.record import ECGRecord
 
 SOURCE = "cinc"
-CINC_TASKS = ("dx", "age", "sex")
+CINC_TASKS = ("dx", "superclass", "age", "sex")
 _PTBXL_COPY = re.compile(r"^HR(\d+)$")
 
 
@@ -106,16 +112,35 @@ def parse_classes(spec: str) -> tuple[DxClass, ...]:
 
 @dataclass
 class DxLabeler:
-    """Picklable record -> ``{"dx": multi-hot}`` from the header's ``Dx`` codes."""
+    """Picklable record -> ``{"dx": multi-hot, "superclass": PTB-XL superclasses}`` from the header's ``Dx``
+    codes (only the tasks asked for)."""
 
     classes: tuple[DxClass, ...]
+    tasks: tuple[str, ...] = ("dx",)
 
     def __call__(self, record: ECGRecord) -> dict[str, Any]:
         codes = record.metadata.get("dx")
-        if codes is None:
-            return {"dx": [math.nan] * len(self.classes)}
-        present = set(codes)
-        return {"dx": [1.0 if present.intersection(c.codes) else 0.0 for c in self.classes]}
+        out: dict[str, Any] = {}
+        if "dx" in self.tasks:
+            present = set(codes or ())
+            out["dx"] = (
+                [math.nan] * len(self.classes)
+                if codes is None
+                else [1.0 if present.intersection(c.codes) else 0.0 for c in self.classes]
+            )
+        if "superclass" in self.tasks:
+            out["superclass"] = superclass_labels(codes)
+        return out
+
+
+SUPERCLASS_TASK = TaskInfo(
+    name="superclass",
+    type="multilabel",
+    names=list(SUPERCLASSES),
+    description="PTB-XL diagnostic superclasses from the SNOMED CT Dx codes (enecg.data.label_maps."
+    "superclass_labels): 1 when a code maps to one of the superclass's statements, 0 when every code is known, "
+    "else NaN; NORM is never positive (no Challenge code means 'normal ECG').",
+)
 
 
 def dx_task(classes: tuple[DxClass, ...], spec: str) -> TaskInfo:
@@ -193,7 +218,11 @@ def plan_cinc(root: str | Path, options: CincOptions | None = None) -> BuildPlan
             continue
         jobs.append(RecordJob(path=str(hea), record_id=record_id, split=""))
     options.assign(jobs)
-    tasks = [t for t in (dx_task(classes, options.classes), AGE_TASK, SEX_TASK) if t.name in options.tasks]
+    tasks = [
+        t
+        for t in (dx_task(classes, options.classes), SUPERCLASS_TASK, AGE_TASK, SEX_TASK)
+        if t.name in options.tasks
+    ]
     recorded = asdict(options)
     recorded["root"] = str(root)
     recorded["ptbxl_root"] = str(Path(options.ptbxl_root).absolute()) if options.ptbxl_root else None
@@ -205,7 +234,9 @@ def plan_cinc(root: str | Path, options: CincOptions | None = None) -> BuildPlan
         parts=options.parts(),
         options=recorded,
         input_files=input_files,
-        labeler=DxLabeler(classes) if "dx" in options.tasks else None,
+        labeler=DxLabeler(classes, tuple(t for t in ("dx", "superclass") if t in options.tasks))
+        if {"dx", "superclass"} & set(options.tasks)
+        else None,
         hr_target=options.hr_target,
         dropped=dropped,
     )

@@ -36,6 +36,7 @@ Left out on purpose:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -313,3 +314,46 @@ def ptbxl_label_finding(task: str, label: str) -> str | None:
     if task == "subclass":
         return label if label in SINGLE_STATEMENT_SUBCLASSES and label in FINDINGS else None
     return label if scp_to_snomed(label) else None
+
+
+# --------------------------------------------------------------------------------- superclasses from SNOMED CT
+
+# PTB-XL diagnostic superclass of each finding key whose SCP statement is *diagnostic* (scp_statements.csv:
+# diagnostic == 1, column diagnostic_class; ``MI`` is the superclass itself). Rhythm and form statements have no
+# diagnostic class: their codes are known, and say nothing about the superclasses.
+FINDING_SUPERCLASS: dict[str, str] = {
+    **dict.fromkeys(
+        ("1AVB", "2AVB", "3AVB", "CLBBB", "CRBBB", "IRBBB", "ILBBB", "LAFB", "LPFB", "IVCD", "WPW"), "CD"
+    ),
+    **dict.fromkeys(("LVH", "RVH", "LAO/LAE", "RAO/RAE"), "HYP"),
+    **dict.fromkeys(("LNGQT", "NST_", "ISCAN", "ISCIN", "ISCLA"), "STTC"),
+    "MI": "MI",
+    "NORM": "NORM",
+}
+SUPERCLASSES: tuple[str, ...] = ("NORM", "MI", "STTC", "CD", "HYP")
+
+
+def superclass_labels(codes: Iterable[str] | None) -> list[float]:
+    """PTB-XL diagnostic superclass labels (:data:`SUPERCLASSES` order) of a record's SNOMED CT ``Dx`` codes.
+
+    A superclass is present (1) when any code maps to one of its diagnostic statements. It is absent (0) only when
+    every code of the record is in the table (:data:`PTBXL_SNOMED_FINDINGS`) — a code outside it could belong to
+    the superclass — and missing (NaN) otherwise. ``NORM`` (normal ECG) has no code the Challenge sources use, so
+    it is never positive: it is 0 when another superclass is present (a record with a diagnostic abnormality is
+    not normal) and NaN otherwise (sinus rhythm alone does not make a normal ECG). No ``Dx`` line: all NaN.
+    """
+    if codes is None:
+        return [math.nan] * len(SUPERCLASSES)
+    codes = [str(c).strip() for c in codes if str(c).strip()]
+    keys = [snomed_to_scp(c) for c in codes]
+    present = {FINDING_SUPERCLASS[k] for k in keys if k in FINDING_SUPERCLASS}
+    complete = all(k is not None for k in keys)
+    labels = []
+    for name in SUPERCLASSES:
+        if name == "NORM":
+            labels.append(1.0 if "NORM" in present else 0.0 if present - {"NORM"} else math.nan)
+        elif name in present:
+            labels.append(1.0)
+        else:
+            labels.append(0.0 if complete else math.nan)
+    return labels

@@ -25,6 +25,13 @@ def row_to_record(row: Mapping[str, Any]) -> ECGRecord:
     )
 
 
+def rows_to_records(columns: Mapping[str, Any]) -> tuple[list[ECGRecord], list[dict[str, Any]]]:
+    """A batch of columns (``Dataset[indices]`` in numpy format) -> records and per-row dicts."""
+    n = len(columns["record_id"])
+    rows = [{name: values[i] for name, values in columns.items()} for i in range(n)]
+    return [row_to_record(row) for row in rows], rows
+
+
 def demographics_array(rows: Sequence[Mapping[str, Any]] | Sequence[ECGRecord]) -> np.ndarray:
     """``(B, 2)`` float32 (age in years, sex 0 male / 1 female); NaN where unknown."""
     out = np.full((len(rows), 2), np.nan, dtype=np.float32)

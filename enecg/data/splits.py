@@ -88,3 +88,14 @@ def assert_patients_disjoint(patient_parts: Iterable[tuple[str, str]]) -> None:
     if leaking:
         shown = dict(sorted(leaking.items())[:5])
         raise ValueError(f"{len(leaking)} patients are in more than one split part (leakage), e.g. {shown}")
+
+
+def row_folds(patient_ids: Sequence[str], k: int, seed: int) -> np.ndarray:
+    """Fold index (0..k-1) of every row, patient-disjoint: :func:`group_kfold` over the rows' patients.
+
+    Raises ValueError when there are fewer patients than folds (a fold would be empty)."""
+    patients = [str(p) for p in patient_ids]
+    if len(set(patients)) < k:
+        raise ValueError(f"{len(set(patients))} patients cannot fill {k} patient-disjoint folds")
+    folds = group_kfold(patients, k, seed)
+    return np.array([int(folds[p].rsplit("_", 1)[1]) for p in patients], dtype=np.int64)

@@ -27,7 +27,7 @@ FORMAT_VERSION = 1
 
 RegressionLoss = Literal["mse", "huber"]
 Activation = Literal["relu", "gelu", "silu", "tanh"]
-GateInput = Literal["signal", "embeddings", "uniform"]
+GateInput = Literal["signal", "embeddings", "global", "uniform"]
 Combine = Literal["predictions", "embeddings"]
 MixSpace = Literal["probabilities", "logits"]
 TaskWeighting = Literal["static", "uncertainty"]
@@ -295,6 +295,7 @@ class GateSettings:
         metadata={
             "help": "'signal': an MLP on a raw-signal summary prepared with `contract` (the paper: raw lead "
             "II); 'embeddings': an MLP on the experts' (layer-normalised, concatenated) embeddings; "
+            "'global': learned weights (per task with per_task) that are the same for every record; "
             "'uniform': fixed equal weights (a plain average ensemble)."
         },
     )
@@ -315,6 +316,22 @@ class GateSettings:
         },
     )
     per_task: bool = field(default=False, metadata={"help": "One weight vector per task (else one shared)."})
+    init_uniform: bool = field(
+        default=True,
+        metadata={
+            "help": "Dense routing: start the router's output layer at zero, so every record starts at the "
+            "uniform mixture (the plain average) and moves away from it only as far as the data supports "
+            "(top-k routers keep a random start: equal logits would route every record alike)."
+        },
+    )
+    routing_penalty: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the mean squared record-dependent router logit (centred over experts): shrinks "
+            "per-record routing toward the learned per-task weights (the router's bias). Routing learned from "
+            "a few hundred records rarely generalises; this is how much of it to keep."
+        },
+    )
     top_k: int | None = field(
         default=None,
         metadata={
@@ -353,7 +370,7 @@ class GateSettings:
     )
 
     def __post_init__(self) -> None:
-        _check_choice("gate.input", self.input, ("signal", "embeddings", "uniform"))
+        _check_choice("gate.input", self.input, ("signal", "embeddings", "global", "uniform"))
         _check_choice("gate.activation", self.activation, ACTIVATIONS)
         _check_choice("gate.combine", self.combine, ("predictions", "embeddings"))
         _check_choice("gate.mix", self.mix, ("probabilities", "logits"))
@@ -366,6 +383,8 @@ class GateSettings:
             raise ValueError(f"gate.top_k must be >= 1 or null, got {self.top_k}")
         if self.input == "uniform" and (self.top_k is not None or self.noisy_top_k):
             raise ValueError("gate.input='uniform' has no router: top_k / noisy_top_k do not apply")
+        if not self.routing_penalty >= 0:
+            raise ValueError(f"gate.routing_penalty must be >= 0, got {self.routing_penalty!r}")
         if self.noisy_top_k and self.top_k is None:
             raise ValueError("gate.noisy_top_k needs gate.top_k")
         if self.projection_dim <= 0:

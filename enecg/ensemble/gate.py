@@ -7,7 +7,14 @@ Inputs (``GateSettings.input``):
   runs, so with sparse top-k routing only the routed experts are run on each record.
 * ``embeddings``: an MLP on the experts' embeddings (each layer-normalised without affine parameters, so that
   no FM dominates by scale, then concatenated; detached by default). Every expert must run first.
+* ``global``: learned weights (one vector per group) shared by every record: the router is a bias only. A
+  weighted average whose weights are fitted, e.g. on out-of-fold predictions (the ``staged`` training strategy).
 * ``uniform``: equal weights, no parameters (a plain average ensemble).
+
+Every dense router starts at the uniform mixture by default (``init_uniform``: zero output layer), and
+``routing_penalty`` shrinks the record-dependent part of the router logits (``W h``, centred over experts) toward
+the per-group weights (the output layer's bias): routing learned from a few hundred records rarely generalises,
+so how much of it to keep is a setting, reported by the ``gate/routing`` auxiliary term.
 
 Outputs: weights ``(B, G, E)`` with ``G = 1`` (one vector shared by every task) or ``G = n_tasks`` (per task).
 Dense routing is a softmax; sparse routing keeps the ``top_k`` largest router logits and renormalises the softmax
@@ -29,6 +36,7 @@ from enecg.ensemble.heads import make_activation
 
 LOAD_BALANCE = "gate/load_balance"
 ENTROPY = "gate/entropy"
+ROUTING = "gate/routing"
 
 
 @dataclass
@@ -40,7 +48,7 @@ class GateOutput:
         log_weights: ``(B, G, E)`` their logs, ``-inf`` where not routed (use these, not ``weights.log()``).
         probs: ``(B, G, E)`` the router's full softmax before top-k selection.
         routed: ``(B, G, E)`` bool, True where an expert is used for that record (all True when dense).
-        aux_losses: ``{LOAD_BALANCE, ENTROPY}`` (unweighted); empty for the uniform gate.
+        aux_losses: ``{LOAD_BALANCE, ENTROPY, ROUTING}`` (unweighted); empty for the uniform gate.
     """
 
     weights: Tensor
@@ -91,6 +99,9 @@ class Gate(nn.Module):
         num_experts: E.
         num_groups: G (1, or the number of tasks with ``per_task``).
         embedding_dims: the experts' embedding sizes (required for ``input='embeddings'``).
+
+    The router's output layer ``router`` (``global``: the parameter ``router_bias``) starts at zero with
+    ``settings.init_uniform``.
     """
 
     def __init__(
@@ -108,6 +119,11 @@ class Gate(nn.Module):
         self.in_features = 0
         if settings.input == "uniform":
             return
+        if settings.input == "global":
+            self.router_bias = nn.Parameter(torch.zeros(num_groups * num_experts))
+            if not settings.init_uniform or settings.top_k is not None:
+                nn.init.normal_(self.router_bias, std=0.02)
+            return
         if settings.input == "signal":
             self.in_features = settings.signal_features
         else:
@@ -121,6 +137,11 @@ class Gate(nn.Module):
             self.in_features, settings.hidden_sizes, settings.activation, settings.dropout
         )
         self.router = nn.Linear(width, num_groups * num_experts)
+        # Sparse routing keeps its random start: at all-equal logits top-k would send every record to the same
+        # first k experts, and the others would never get a gradient.
+        if settings.init_uniform and settings.top_k is None:
+            nn.init.zeros_(self.router.weight)
+            nn.init.zeros_(self.router.bias)
         self.noise = nn.Linear(width, num_groups * num_experts) if settings.noisy_top_k else None
 
     def extra_repr(self) -> str:
@@ -153,19 +174,23 @@ class Gate(nn.Module):
             parts.append(F.layer_norm(emb.float(), (dim,)))
         return torch.cat(parts, dim=-1).unsqueeze(1)
 
-    def router_logits(self, inputs: Tensor | list[Tensor]) -> tuple[Tensor, Tensor | None]:
-        """Clean router logits ``(B, G, E)`` (averaged over windows) and the noise scale (or None)."""
+    def router_logits(self, inputs: Tensor | list[Tensor]) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Clean router logits ``(B, G, E)`` (averaged over windows), the noise scale (or None), and the
+        record-dependent part of the logits (without the output bias, centred over experts)."""
         hidden = self.trunk(self._features(inputs))
         shape = (hidden.shape[0], self.num_groups, self.num_experts)
-        logits = self.router(hidden).mean(dim=1).reshape(shape)
+        record_part = F.linear(hidden, self.router.weight).mean(dim=1).reshape(shape)
+        logits = record_part + self.router.bias.reshape(1, self.num_groups, self.num_experts)
         noise_std = None
         if self.noise is not None:
             noise_std = F.softplus(self.noise(hidden).mean(dim=1)).reshape(shape)
-        return logits, noise_std
+        return logits, noise_std, record_part - record_part.mean(dim=-1, keepdim=True)
 
     # -- routing -------------------------------------------------------------------------------------------------
 
-    def route(self, logits: Tensor, noise_std: Tensor | None = None) -> GateOutput:
+    def route(
+        self, logits: Tensor, noise_std: Tensor | None = None, record_part: Tensor | None = None
+    ) -> GateOutput:
         """Turn router logits ``(B, G, E)`` into weights (dense softmax or renormalised top-k)."""
         logits = logits.float()
         if noise_std is not None and self.training:
@@ -190,9 +215,17 @@ class Gate(nn.Module):
             ]
         ).mean()
         aux = {LOAD_BALANCE: balance, ENTROPY: router_entropy(log_probs)}
+        if record_part is not None:
+            aux[ROUTING] = record_part.float().pow(2).sum(dim=-1).mean()
         return GateOutput(
             weights=weights, log_weights=log_weights, probs=probs, routed=routed, aux_losses=aux
         )
+
+    def global_weights(self, batch_size: int, device: torch.device | str | None = None) -> GateOutput:
+        """The 'global' gate: the same learned weights for every record."""
+        shape = (batch_size, self.num_groups, self.num_experts)
+        logits = self.router_bias.to(device).reshape(1, self.num_groups, self.num_experts).expand(shape)
+        return self.route(logits)
 
     def uniform(self, batch_size: int, device: torch.device | str | None = None) -> GateOutput:
         """Equal weights for every record (the 'uniform' gate)."""
@@ -209,6 +242,8 @@ class Gate(nn.Module):
         """Route a batch: ``inputs`` are gate-contract windows (``(B, [W,] leads, length)``, any layout whose
         per-record size is a multiple of leads x length; windows are averaged in logit space) for a signal gate,
         or the list of the experts' embeddings for an embedding gate."""
-        if self.input_kind == "uniform":
-            raise RuntimeError("the uniform gate has no router: call Gate.uniform(batch_size)")
+        if self.input_kind in ("uniform", "global"):
+            raise RuntimeError(
+                f"the {self.input_kind} gate reads no input: call Gate.{'uniform' if self.input_kind == 'uniform' else 'global_weights'}(batch_size)"
+            )
         return self.route(*self.router_logits(inputs))

@@ -18,8 +18,10 @@ Distributed training: with top-k routing some experts/heads get no gradient in a
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,7 +71,9 @@ class Ensemble(nn.Module):
             experts are frozen in place (and get LoRA layers injected in place with ``lora.on_experts``).
 
     Heads, gate and LoRA weights are initialised from ``config.seed`` without touching the global RNG, so two
-    ensembles built from the same config and experts are identical.
+    ensembles built from the same config and experts are identical; each expert's branch has a seed of its own
+    (:func:`derived_seed` of the config seed and the expert's name), and so has its dropout in training mode, so
+    an expert's branch trains the same with or without the other experts beside it.
     """
 
     def __init__(self, config: EnsembleConfig, experts: Mapping[str, nn.Module]) -> None:
@@ -91,9 +95,12 @@ class Ensemble(nn.Module):
         squeeze = tuple(t.name for t in self.task_list if t.is_scalar)
 
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
             branches = {}
             for ref in config.experts:
+                # Each branch draws its initial weights from its own seed (config seed + expert name), so an
+                # expert's heads start the same whichever other experts share the ensemble: training an expert's
+                # heads alone and inside the ensemble ("staged" stage 1) give the same heads.
+                torch.manual_seed(derived_seed(config.seed, "branch", ref.name))
                 expert = experts[ref.name]
                 prepare_expert(expert, config.lora.on_experts)
                 heads, projection = None, None
@@ -109,6 +116,7 @@ class Ensemble(nn.Module):
                 )
                 branches[ref.name] = wrap_branch(branch, ref, config.lora)
             self.branches = nn.ModuleDict(branches)
+            torch.manual_seed(derived_seed(config.seed, "shared"))
             self.shared_heads = nn.ModuleDict(
                 {
                     t.name: TaskHead(gate_settings.projection_dim, t.num_outputs, config.heads)
@@ -186,6 +194,8 @@ class Ensemble(nn.Module):
         *,
         from_embeddings: bool = False,
         window_masks: Mapping[str, Tensor] | None = None,
+        expert_logits: Mapping[str, Tensor] | None = None,
+        use_gate: bool = True,
     ) -> EnsembleOutput:
         """Predict every task for a batch.
 
@@ -198,15 +208,28 @@ class Ensemble(nn.Module):
             from_embeddings: see ``expert_inputs``.
             window_masks: expert name -> bool ``(B, n_windows)``, False for padding windows (records with fewer
                 windows than the longest in the batch); experts without a mask get all their windows counted.
+            expert_logits: task -> ``(B, E, ...)`` logits that stand in for the experts' heads (combine
+                'predictions' only): the gate combines these instead, and the heads do not run. Fitting a gate
+                on out-of-fold predictions (the ``staged`` strategy) uses this. Experts still embed the records
+                when an embedding gate needs them.
+            use_gate: False: skip the gate, run every expert on every record and combine with equal weights
+                (the experts' own heads are then trained or read as if alone, e.g. in stage 1 of ``staged``).
         """
         batch = self._check_inputs(expert_inputs, from_embeddings)
+        if expert_logits is not None:
+            self._check_expert_logits(expert_logits, batch)
         masks = window_masks or {}
         check_grad = self.training and self.config.lora.on_experts and torch.is_grad_enabled()
         device = next(iter(expert_inputs.values())).device
+        # One draw from the global RNG seeds every branch's own dropout stream (see derived_seed): a branch's
+        # randomness then does not depend on which other experts run before it.
+        stream = int(torch.randint(0, 2**62, ())) if self.training else None
         kind = self.config.gate.input
         gate_out: GateOutput | None = None
-        if kind == "uniform":
+        if kind == "uniform" or not use_gate:
             gate_out = self.gate.uniform(batch, device)
+        elif kind == "global":
+            gate_out = self.gate.global_weights(batch, device)
         elif kind == "signal":
             if gate_input is None:
                 raise ValueError(
@@ -216,12 +239,14 @@ class Ensemble(nn.Module):
                 raise ValueError(f"gate_input has {gate_input.shape[0]} records, expert inputs have {batch}")
             gate_out = self.gate(gate_input)
 
-        # Which records each expert must embed: the routed ones, or all of them for an embedding gate.
-        needed = (
-            gate_out.routed.any(dim=1)
-            if gate_out is not None
-            else torch.ones(batch, len(self.expert_names), dtype=torch.bool, device=device)
-        )
+        # Which records each expert must embed: the routed ones, all of them for an embedding gate, none when
+        # given logits and the gate needs no embeddings.
+        if expert_logits is not None and gate_out is not None:
+            needed = torch.zeros(batch, len(self.expert_names), dtype=torch.bool, device=device)
+        elif gate_out is not None:
+            needed = gate_out.routed.any(dim=1)
+        else:
+            needed = torch.ones(batch, len(self.expert_names), dtype=torch.bool, device=device)
         embeddings: dict[str, tuple[Tensor | None, Tensor]] = {}
         for e, name in enumerate(self.expert_names):
             rows = _rows(needed[:, e])
@@ -235,7 +260,8 @@ class Ensemble(nn.Module):
                 if rows is not None:
                     demo = None if demo is None else demo.index_select(0, rows)
                     mask = None if mask is None else mask.index_select(0, rows)
-                emb = self.branch(name).embed(x, demo, mask)
+                with _branch_stream(stream, name, "embed", device):
+                    emb = self.branch(name).embed(x, demo, mask)
                 if check_grad and not emb.requires_grad:
                     raise RuntimeError(
                         f"expert {name!r} returned an embedding without gradient although its layers carry LoRA "
@@ -251,27 +277,35 @@ class Ensemble(nn.Module):
         projections: list[Tensor | None] = []  # full-batch projections (combine='embeddings')
         for e, name in enumerate(self.expert_names):
             head_rows = _rows(routed_any[:, e])
-            if name not in embeddings or (head_rows is not None and head_rows.numel() == 0):
+            if (
+                expert_logits is not None
+                or name not in embeddings
+                or (head_rows is not None and head_rows.numel() == 0)
+            ):
                 per_expert.append({})
                 projections.append(None)
                 continue
             emb_rows, emb = embeddings[name]
             emb, head_rows = _select(emb, emb_rows, head_rows, batch)
             branch = self.branch(name)
-            if self.combine_embeddings:
-                projected = branch.project(emb)
-                projections.append(_scatter(projected, head_rows, batch))
-                logits = {t.name: self._shared_head(t.name, projected) for t in self.task_list}
-            else:
-                projections.append(None)
-                logits = branch.head_logits(emb)
+            with _branch_stream(stream, name, "heads", device):
+                if self.combine_embeddings:
+                    projected = branch.project(emb)
+                    projections.append(_scatter(projected, head_rows, batch))
+                    logits = {t.name: self._shared_head(t.name, projected) for t in self.task_list}
+                else:
+                    projections.append(None)
+                    logits = branch.head_logits(emb)
             per_expert.append({t: _scatter(v, head_rows, batch) for t, v in logits.items()})
 
-        out_logits, out_preds, expert_logits, expert_preds, gate_weights = {}, {}, {}, {}, {}
+        out_logits, out_preds, expert_logit_out, expert_preds, gate_weights = {}, {}, {}, {}, {}
         for t_index, task in enumerate(self.task_list):
             group = t_index if self.num_groups > 1 else 0
             weights, log_weights = gate_out.weights[:, group], gate_out.log_weights[:, group]
-            stacked = _stack([p.get(task.name) for p in per_expert])
+            if expert_logits is not None:
+                stacked = expert_logits[task.name].float()
+            else:
+                stacked = _stack([p.get(task.name) for p in per_expert])
             if self.combine_embeddings:
                 mixed = sum(
                     weights[:, e, None] * proj for e, proj in enumerate(projections) if proj is not None
@@ -281,7 +315,7 @@ class Ensemble(nn.Module):
                 combined = task.combine(stacked, weights, log_weights, self.config.gate.mix)
             out_logits[task.name] = combined
             out_preds[task.name] = task.predict(combined)
-            expert_logits[task.name] = stacked
+            expert_logit_out[task.name] = stacked
             mask = routed_any if task.is_scalar else routed_any.unsqueeze(-1)
             expert_pred = task.predict(stacked)
             expert_preds[task.name] = torch.where(
@@ -291,7 +325,7 @@ class Ensemble(nn.Module):
         return EnsembleOutput(
             logits=out_logits,
             predictions=out_preds,
-            expert_logits=expert_logits,
+            expert_logits=expert_logit_out,
             expert_predictions=expert_preds,
             gate_weights=gate_weights,
             routed=routed_any,
@@ -299,6 +333,17 @@ class Ensemble(nn.Module):
             # A non-leaf copy: DDP with find_unused_parameters traces parameters from the outputs' graph.
             task_log_vars=None if self.task_log_vars is None else self.task_log_vars.clone(),
         )
+
+    def _check_expert_logits(self, expert_logits: Mapping[str, Tensor], batch: int) -> None:
+        if self.combine_embeddings:
+            raise ValueError("expert_logits apply to gate.combine='predictions' only")
+        for task in self.task_list:
+            if task.name not in expert_logits:
+                raise ValueError(f"expert_logits has no task {task.name!r}")
+            shape = tuple(expert_logits[task.name].shape)
+            wanted = (batch, len(self.expert_names)) + (() if task.is_scalar else (task.num_outputs,))
+            if shape != wanted:
+                raise ValueError(f"expert_logits[{task.name!r}] has shape {shape}, expected {wanted}")
 
     def _shared_head(self, task_name: str, x: Tensor) -> Tensor:
         logits = self.shared_heads[task_name](x)
@@ -330,7 +375,7 @@ class Ensemble(nn.Module):
     # -- loss ----------------------------------------------------------------------------------------------------
 
     def compute_loss(
-        self, output: EnsembleOutput, labels: Mapping[str, Tensor]
+        self, output: EnsembleOutput, labels: Mapping[str, Tensor], *, include_expert_loss: bool = True
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Total training loss and its parts (detached, for logging).
 
@@ -338,10 +383,12 @@ class Ensemble(nn.Module):
         (Kendall et al. 2018) ``loss_weight * (c * exp(-s) * L + s / 2)`` with ``s = log sigma^2`` learned and
         ``c = 1/2`` for regression, 1 for classification (a task without labels in the batch adds nothing, not even
         ``s / 2``). Plus ``gate.load_balance_weight * load_balance + gate.entropy_weight * entropy`` and
-        ``heads.expert_loss_weight * sum_t loss_weight * mean_e L_t(expert e on its routed records)``.
+        ``heads.expert_loss_weight * sum_t loss_weight * mean_e L_t(expert e on its routed records)`` and
+        ``gate.routing_penalty * gate/routing``. ``include_expert_loss=False`` leaves the experts' own term out
+        (fitting only the gate on given expert logits, where it is a constant).
 
         Parts: ``<task>`` (unweighted task loss), ``expert/<task>``, ``gate/load_balance``, ``gate/entropy``,
-        ``log_var/<task>``.
+        ``gate/routing``, ``log_var/<task>``.
         """
         missing = [t.name for t in self.task_list if t.name not in labels]
         if missing:
@@ -359,7 +406,7 @@ class Ensemble(nn.Module):
                 weighted = task.config.loss_weight * (scale * torch.exp(-log_var) * loss + 0.5 * log_var)
                 term = torch.where(count > 0, weighted, loss * 0.0 + log_var * 0.0)
                 parts[f"log_var/{task.name}"] = log_var.detach()
-            if heads.expert_loss_weight > 0:
+            if heads.expert_loss_weight > 0 and include_expert_loss:
                 expert_loss = self._expert_loss(task, output, labels[task.name])
                 parts[f"expert/{task.name}"] = expert_loss.detach()
                 term = term + heads.expert_loss_weight * task.config.loss_weight * expert_loss
@@ -367,12 +414,42 @@ class Ensemble(nn.Module):
         for key, weight in (
             ("gate/load_balance", gate.load_balance_weight),
             ("gate/entropy", gate.entropy_weight),
+            ("gate/routing", gate.routing_penalty),
         ):
             if key in output.aux_losses:
                 parts[key] = output.aux_losses[key].detach()
                 if weight:
                     total = total + weight * output.aux_losses[key]
         return total, parts
+
+    def expert_losses(
+        self, output: EnsembleOutput, labels: Mapping[str, Tensor]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Each expert's own loss, as if it were trained alone: ``sum_t loss_weight * L_t(expert e)`` on the
+        records routed to it (static task weights: learned uncertainty weights would be shared by the experts
+        and couple them). Returns ``(expert -> loss, parts)`` with parts ``<expert>/<task>`` (detached).
+
+        The experts' heads share no parameter, so the sum of these losses trains every expert's heads exactly as
+        its own loss alone would (the ``staged`` strategy's stage 1)."""
+        missing = [t.name for t in self.task_list if t.name not in labels]
+        if missing:
+            raise KeyError(f"labels missing for tasks {missing} (use NaN for records without a label)")
+        losses: dict[str, Tensor] = {}
+        parts: dict[str, Tensor] = {}
+        for e, name in enumerate(self.expert_names):
+            total = None
+            for task in self.task_list:
+                y = torch.as_tensor(labels[task.name], device=output.routed.device).float()
+                mask = output.routed[:, e].view(-1, *([1] * (y.dim() - 1)))
+                y = torch.where(mask, y, torch.full_like(y, float("nan")))
+                # contiguous: the same memory layout (so the same reduction order, bit for bit) as the logits of
+                # this expert trained alone
+                loss, _ = task.loss(output.expert_logits[task.name][:, e].contiguous(), y)
+                parts[f"{name}/{task.name}"] = loss.detach()
+                term = task.config.loss_weight * loss
+                total = term if total is None else total + term
+            losses[name] = total
+        return losses, parts
 
     def _expert_loss(self, task: Task, output: EnsembleOutput, labels: Tensor) -> Tensor:
         """Mean over experts (those with labelled routed records) of each expert's own task loss."""
@@ -547,6 +624,34 @@ def _check_expert(name: str, expert: nn.Module, dim: int, hub_id: str, revision:
         have = getattr(expert, attr, None)
         if have is not None and wanted is not None and have != wanted:
             raise ValueError(f"expert {name!r}: module {attr} {have!r} differs from the config's {wanted!r}")
+
+
+def derived_seed(seed: int, *parts: object) -> int:
+    """A 63-bit seed derived from ``seed`` and ``parts`` (e.g. ``("branch", expert name)``), stable across runs,
+    processes and Python versions (unlike ``hash``)."""
+    text = "/".join(str(p) for p in (seed, *parts))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+
+
+@contextlib.contextmanager
+def _branch_stream(stream: int | None, name: str, part: str, device: torch.device) -> Iterator[None]:
+    """Run a branch's part under its own RNG stream (training mode), restoring the global RNG afterwards."""
+    if stream is None:
+        yield
+        return
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        seed_rng(derived_seed(stream, name, part), device)
+        yield
+
+
+def seed_rng(seed: int, device: torch.device | None = None) -> None:
+    """Seed the CPU generator (and ``device``'s, for CUDA): what ``torch.manual_seed`` does for the generators a
+    step uses, without its per-call bookkeeping for every CUDA device (it runs once per branch and step)."""
+    torch.random.default_generator.manual_seed(seed)
+    if device is not None and device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.default_generators[index].manual_seed(seed)
 
 
 def _rows(mask: Tensor) -> Tensor | None:

@@ -36,6 +36,16 @@ def parse_operating_point(text: str) -> OperatingPoint:
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--revision", default=None, help="Revision (branch, tag, commit) of a Hub model.")
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="Hugging Face Hub cache holding the model's experts (default: HF_HUB_CACHE / ~/.cache/huggingface).",
+    )
+    parser.add_argument(
+        "--offline",
+        action="store_true",
+        help="Load the model and its experts from the cache only, never contacting the Hub (like HF_HUB_OFFLINE=1).",
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="Records per forward pass (default 32).")
     parser.add_argument(
         "--device", default=None, help="torch device (default: cuda when available, else cpu)."
@@ -107,6 +117,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     evaluate.add_argument("--title", default=None, help="Report title.")
     evaluate.add_argument(
+        "--train-split",
+        action="append",
+        default=None,
+        metavar="PART",
+        help="Part(s) the model was trained on, where the linear-probe and stacker baselines are fitted "
+        "(repeatable; default train; 'none': leave those baselines out).",
+    )
+    evaluate.add_argument(
+        "--feature-cache",
+        default=None,
+        metavar="DIR",
+        help="Feature cache of the experts' embeddings (e.g. the training run's) for the probe baselines.",
+    )
+    evaluate.add_argument(
         "--json", action="store_true", help="Print the evaluation JSON instead of a summary."
     )
     _add_model_options(evaluate)
@@ -135,7 +159,12 @@ def _load_model(args: argparse.Namespace) -> Any:
 
     from enecg.ensemble.serialization import from_pretrained
 
-    ensemble = from_pretrained(args.model, revision=args.revision)
+    ensemble = from_pretrained(
+        args.model,
+        revision=args.revision,
+        cache_dir=args.cache_dir,
+        local_files_only=True if args.offline else None,
+    )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return ensemble.to(device)
 
@@ -143,7 +172,7 @@ def _load_model(args: argparse.Namespace) -> Any:
 def run_evaluate(args: argparse.Namespace) -> int:
     from enecg.evaluation.metrics import BootstrapConfig
     from enecg.evaluation.report import headline
-    from enecg.evaluation.runner import UNIFORM_BASELINE, evaluate_ensemble
+    from enecg.evaluation.runner import evaluate_ensemble
 
     if args.bootstrap < 0:
         raise ValueError(f"--bootstrap must be >= 0, got {args.bootstrap}")
@@ -163,6 +192,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         label_map=args.label_map,
         cross_split=args.cross_split,
         title=args.title,
+        train_splits=_train_splits(args.train_split),
+        feature_cache=args.feature_cache,
     )
     if args.json:
         json.dump(evaluation, sys.stdout, indent=2, sort_keys=True)
@@ -172,12 +203,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         f"{evaluation['dataset']} / {evaluation['split']}: {evaluation['n_records']} records, "
         f"{evaluation['n_patients']} patients"
     )
-    for task, result in evaluation["tasks"].items():
-        metric, value, ci = headline(result)
-        others = [(UNIFORM_BASELINE, evaluation["baselines"][UNIFORM_BASELINE].get(task))]
-        others += [(name, per_task.get(task)) for name, per_task in evaluation["experts"].items()]
-        compared = "; ".join(f"{name} {_number(headline(r)[1])}" for name, r in others if r)
-        print(f"  {task}: {metric} {_number(value)}{_interval(ci)}  ({compared})")
+    for line in comparison_lines(evaluation):
+        print(line)
     for source, per_task in evaluation["cross_dataset"].items():
         for task, result in per_task.items():
             metric, value, ci = headline(result)
@@ -186,12 +213,41 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_splits(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return ["train"]
+    return None if [v.lower() for v in values] == ["none"] else values
+
+
+def comparison_lines(evaluation: dict[str, Any]) -> list[str]:
+    """Per task: the ensemble against its baselines, and its paired difference to each (the lines `enecg
+    evaluate` and the quickstart print)."""
+    from enecg.evaluation.report import headline
+
+    lines = []
+    chosen = (evaluation.get("baseline_details") or {}).get("best_single_expert") or {}
+    for task, result in evaluation["tasks"].items():
+        metric, value, ci = headline(result)
+        lines.append(f"  {task}: {metric} ensemble {_number(value)}{_interval(ci)}")
+        for name, per_task in (evaluation.get("baselines") or {}).items():
+            if task not in per_task:
+                continue
+            label = f"{name} ({chosen[task]})" if task in chosen and name.startswith("best single") else name
+            line = f"    {label:<40} {_number(headline(per_task[task])[1])}"
+            paired = (evaluation.get("paired") or {}).get(task, {}).get(name)
+            if paired:
+                verdict = {"a": "ensemble better", "b": "baseline better"}.get(paired["better"], "no clear difference")
+                line += f"   ensemble - this {paired['difference']:+.3f}{_interval(paired['ci'])} ({verdict})"
+            lines.append(line)
+    return lines
+
+
 def _number(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
 def _interval(ci: Any) -> str:
-    if not ci or ci[0] is None or ci[1] is None:
+    if not ci or ci[0] is None or ci[1] is None or ci[0] != ci[0] or ci[1] != ci[1]:  # None or NaN
         return ""
     return f" [{ci[0]:.3f}, {ci[1]:.3f}]"
 

@@ -6,7 +6,9 @@ The evaluation dictionary rendered here has this shape (every key but ``tasks`` 
       "title": str, "dataset": str, "split": str, "n_records": int, "enecg_version": str,
       "tasks": {task: <enecg.evaluation.task_eval.evaluate_task result>},
       "experts": {expert: {task: <evaluate_task result>}},        # each expert alone
-      "baselines": {name: {task: <evaluate_task result>}},        # e.g. uniform average of experts
+      "baselines": {name: {task: <evaluate_task result>}},        # uniform average, best single, probes, stacker
+      "paired": {task: {baseline: {metric, difference, ci, better, ...}}},  # ensemble minus baseline, paired CI
+      "baseline_details": {"best_single_expert": {task: expert}, "fitted": {...}},
       "cross_dataset": {name: {task: <evaluate_task result>}},    # same model on another source
       "gate": {"mean_weights": {task: {expert: float}}},
       "examples": [{"record_id": str, "image": relpath, "labels": {task: ...},
@@ -86,6 +88,17 @@ _TEMPLATE = """<!doctype html>
  {% for t in ev.tasks %}{% set h = results.get(t) %}<td>{% if h %}{{ h[0] }} {{ fmt(h[1]) }} <small>{{ fmt_ci(h[2]) }}</small>{% else %}–{% endif %}</td>{% endfor %}
 </tr>{% endfor %}</table>
 
+{% if ev.paired %}<h2>Ensemble vs baselines (paired)</h2>
+<p>Ensemble minus baseline on the same records; the 95% CI resamples patients once for both models. A difference
+ whose CI excludes 0 is marked. MAE: lower is better, so a negative difference favours the ensemble.
+ {% if ev.baseline_details and ev.baseline_details.best_single_expert %}Best single expert chosen on validation:
+ {% for t, e in ev.baseline_details.best_single_expert.items() %}{{ t }}: {{ e }}{% if not loop.last %}, {% endif %}{% endfor %}.{% endif %}</p>
+<table><tr><th>task</th><th>baseline</th><th>metric</th><th>ensemble</th><th>baseline</th><th>difference</th><th>95% CI</th><th>verdict</th></tr>
+{% for t, per in ev.paired.items() %}{% for name, d in per.items() %}<tr><td>{{ t }}</td><td>{{ name }}</td><td>{{ d.metric }}</td>
+ <td>{{ fmt(d.a) }}</td><td>{{ fmt(d.b) }}</td><td>{{ "%+.3f"|format(d.difference) if d.difference is not none else "–" }}</td>
+ <td>{{ fmt_ci(d.ci) }}</td><td>{% if d.better == "a" %}ensemble better{% elif d.better == "b" %}baseline better{% else %}no clear difference{% endif %}</td></tr>{% endfor %}{% endfor %}</table>
+{% endif %}
+
 {% for t, res in ev.tasks.items() %}
 <h2>Task: {{ t }} <small>({{ res.type }}, n={{ res.n_records }})</small></h2>
 {% if res.type in ("multilabel", "binary") %}
@@ -114,8 +127,10 @@ _TEMPLATE = """<!doctype html>
 {% endfor %}
 
 {% if ev.gate %}<h2>Gate</h2>
+<p>Mean weight of each expert over the records (± its standard deviation across records: how much the gate routes
+ record by record rather than weighting the experts the same everywhere).</p>
 <table><tr><th>task</th>{% for e in gate_experts %}<th>{{ e }}</th>{% endfor %}</tr>
-{% for t, w in ev.gate.mean_weights.items() %}<tr><td>{{ t }}</td>{% for e in gate_experts %}<td>{{ fmt(w.get(e)) }}</td>{% endfor %}</tr>{% endfor %}</table>
+{% for t, w in ev.gate.mean_weights.items() %}<tr><td>{{ t }}</td>{% for e in gate_experts %}<td>{{ fmt(w.get(e)) }}{% if ev.gate.std_weights %} <small>± {{ fmt(ev.gate.std_weights.get(t, {}).get(e)) }}</small>{% endif %}</td>{% endfor %}</tr>{% endfor %}</table>
 {% for f in figures if f.section == "gate" %}<figure><img src="{{ f.path }}" alt="{{ f.caption }}"><figcaption>{{ f.caption }}</figcaption></figure>{% endfor %}
 {% endif %}
 

@@ -7,6 +7,10 @@ calibration temperature are fitted there, see :mod:`enecg.evaluation.task_eval`)
 * each expert alone (its own heads' predictions, ``EnsembleOutput.expert_predictions``);
 * a uniform average of the experts, combined with the ensemble's own rule (``gate.mix``) but equal weights, so
   the gain of the learned gate over plain averaging is visible;
+* the best single expert chosen on validation, a linear probe per expert on its embedding and a classic stacker
+  on the probes' out-of-fold outputs, fitted on the training part (:mod:`enecg.evaluation.baselines`);
+* the ensemble minus each of the best single expert, the uniform average and the stacker, with patient-level
+  *paired* bootstrap CIs (:mod:`enecg.evaluation.paired`);
 * optionally the same model on other datasets through a label map (:mod:`enecg.evaluation.cross_dataset`).
 
 It then renders ROC/PR and calibration curves per task, the gate's weight distribution per expert and task, and a
@@ -32,12 +36,16 @@ from torch import Tensor
 
 from enecg import __version__ as ENECG_VERSION
 from enecg.data.build import load_dataset_dir
+from enecg.data.pool import pool_training_part
 from enecg.data.rows import label_arrays, row_to_record
 from enecg.data.schema import DatasetMeta, TaskInfo
+from enecg.ensemble.feature_cache import FeatureCache, build_feature_table
 from enecg.ensemble.inputs import EnsembleBatch, EnsembleInputBuilder
 from enecg.ensemble.model import Ensemble, EnsembleOutput
+from enecg.evaluation.baselines import BEST_SINGLE, STACKER, SplitFeatures, best_single_expert, fit_baselines
 from enecg.evaluation.cross_dataset import evaluate_cross_dataset, plan_cross_dataset, task_label_names
 from enecg.evaluation.metrics import BootstrapConfig, OperatingPoint
+from enecg.evaluation.paired import paired_difference
 from enecg.evaluation.plots import plot_calibration, plot_ecg_12lead, plot_gate_weights, plot_roc_pr
 from enecg.evaluation.report import write_report
 from enecg.evaluation.task_eval import evaluate_task
@@ -301,6 +309,10 @@ def evaluate_ensemble(
     label_map: str = "ptbxl-cinc",
     cross_split: str | None = None,
     title: str | None = None,
+    train_splits: Sequence[str] | None = ("train",),
+    baselines: bool = True,
+    feature_cache: str | os.PathLike | None = None,
+    extra_train: Sequence[str | os.PathLike] = (),
 ) -> dict[str, Any]:
     """Evaluate ``ensemble`` on ``split`` of a prepared dataset and write the report into ``out_dir``.
 
@@ -313,6 +325,13 @@ def evaluate_ensemble(
         cross_data: other prepared datasets to evaluate the same model on through ``label_map``
             (:data:`~enecg.evaluation.cross_dataset.LABEL_MAPS`); ``cross_split``: their part to use (None: all
             records, the usual external-validation protocol).
+        train_splits: the parts the model was trained on: the linear probes and the stacker are fitted there
+            (None, or parts the dataset lacks: those baselines are left out, with a log line).
+        baselines: False: only the uniform average and the best single expert (no probes, no stacker).
+        feature_cache: a feature-cache folder (:mod:`enecg.ensemble.feature_cache`) for the experts' embeddings
+            the probes read, e.g. the training run's; None embeds the records here.
+        extra_train: other prepared datasets the model's training part pooled (``data.extra_train``): the
+            probes and the stacker are fitted on the same records.
 
     Returns the evaluation dictionary written to ``report.json`` (shape: :mod:`enecg.evaluation.report`).
     """
@@ -345,6 +364,53 @@ def evaluate_ensemble(
         for e, expert in enumerate(experts)
     }
     uniform_results = _evaluate_rows(pick=lambda sp, t: sp.uniform_predictions[t], **common)
+    baseline_results: dict[str, Any] = {UNIFORM_BASELINE: uniform_results}
+    comparison_predictions: dict[str, dict[str, np.ndarray]] = {
+        UNIFORM_BASELINE: {t.name: test.uniform_predictions[t.name] for t in tasks}
+    }
+    details: dict[str, Any] = {}
+    if val is not None:
+        chosen = {
+            t.name: best_single_expert(t, val.labels[t.name], val.expert_predictions[t.name]) for t in tasks
+        }
+        baseline_results[BEST_SINGLE] = _evaluate_rows(
+            pick=lambda sp, t: sp.expert_predictions[t][:, chosen[t]], **common
+        )
+        comparison_predictions[BEST_SINGLE] = {
+            t.name: test.expert_predictions[t.name][:, chosen[t.name]] for t in tasks
+        }
+        details["best_single_expert"] = {t: experts[e] for t, e in chosen.items()}
+    train_part = _train_part(dataset, train_splits, where) if baselines else None
+    if train_part is not None:
+        train_part = pool_training_part(train_part, extra_train, [meta.task(t.name) for t in tasks])
+        cache = FeatureCache(feature_cache) if feature_cache is not None else None
+        features = {
+            name: _split_features(ensemble, part, tasks, cache, batch_size)
+            for name, part in (("train", train_part), (split, test_part))
+        }
+        evaluated = {"test": features[split]}
+        if val is not None:
+            evaluated["validation"] = _split_features(ensemble, dataset[val_split], tasks, cache, batch_size)
+        fitted, details["fitted"] = fit_baselines(tasks, features["train"], evaluated, seed=bootstrap.seed)
+        for name, per_split in fitted.items():
+            baseline_results[name] = _evaluate_rows(
+                pick=lambda sp, t, d=per_split: d["test" if sp is test else "validation"][t], **common
+            )
+        comparison_predictions[STACKER] = fitted[STACKER]["test"]
+    paired = {
+        task.name: {
+            name: paired_difference(
+                task.type,
+                test.labels[task.name],
+                test.predictions[task.name],
+                predictions[task.name],
+                test.patient_ids,
+                bootstrap,
+            )
+            for name, predictions in comparison_predictions.items()
+        }
+        for task in tasks
+    }
 
     figures = _task_figures(tasks, test, out_dir)
     gate = gate_statistics(test, experts, [t.name for t in tasks])
@@ -407,7 +473,9 @@ def evaluate_ensemble(
         "skipped_tasks": skipped,
         "tasks": results,
         "experts": expert_results,
-        "baselines": {UNIFORM_BASELINE: uniform_results},
+        "baselines": baseline_results,
+        "baseline_details": details,
+        "paired": paired,
         "gate": gate,
         "cross_dataset": cross_results,
         "cross_dataset_plans": cross_plans,
@@ -417,6 +485,37 @@ def evaluate_ensemble(
     evaluation = _jsonable(evaluation)
     write_report(evaluation, out_dir)
     return evaluation
+
+
+def _train_part(
+    dataset: datasets.DatasetDict, names: Sequence[str] | None, where: str
+) -> datasets.Dataset | None:
+    """The training part(s) the probes are fitted on, or None (logged) when the dataset lacks them."""
+    missing = [n for n in names or () if n not in dataset]
+    if not names or missing or any(len(dataset[n]) == 0 for n in names):
+        logger.warning(
+            "%s: no training part %s: the linear-probe and stacker baselines are left out",
+            where,
+            missing or list(names or []),
+        )
+        return None
+    return datasets.concatenate_datasets([dataset[n] for n in names]) if len(names) > 1 else dataset[names[0]]
+
+
+def _split_features(
+    ensemble: Ensemble,
+    part: datasets.Dataset,
+    tasks: Sequence[TaskInfo],
+    cache: FeatureCache | None,
+    batch_size: int,
+) -> SplitFeatures:
+    """Every expert's embedding of every record of ``part`` (through the feature cache when given)."""
+    table = build_feature_table(ensemble, part, list(tasks), cache, batch_size=batch_size)
+    return SplitFeatures(
+        embeddings={k: v.numpy() for k, v in table.embeddings.items()},
+        labels={k: v.numpy() for k, v in table.labels.items()},
+        patient_ids=list(table.patient_ids),
+    )
 
 
 def gate_statistics(

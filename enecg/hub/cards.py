@@ -155,6 +155,16 @@ class EvaluationSummary:
     dataset: str | None = field(
         default=None, metadata={"help": "Name of a DatasetCardInfo; None = the first dataset of the context."}
     )
+    paired: dict[str, dict[str, dict[str, Any]]] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Task -> baseline -> enecg.evaluation.paired.paired_difference result (the ensemble minus "
+            "the uniform average, the validation-chosen single expert, the stacker)."
+        },
+    )
+    best_single_expert: dict[str, str] = field(
+        default_factory=dict, metadata={"help": "Task -> the expert chosen on validation as the best single one."}
+    )
 
 
 @dataclass
@@ -537,6 +547,7 @@ def render_ensemble_card(context: EnsembleCardContext, *, template: str | None =
         metrics=_metric_ids(eval_results, context.tasks),
     )
     result_rows, label_tables = _result_rows(context.evaluations, context.datasets)
+    baseline_rows = _baseline_rows(context.evaluations)
     gate_experts = _unique(
         [e.name for e in context.experts] + [e for w in context.gate_mean_weights.values() for e in w]
     )
@@ -555,6 +566,7 @@ def render_ensemble_card(context: EnsembleCardContext, *, template: str | None =
         expert_rows=_expert_rows(context.experts),
         task_rows=_task_rows(context.tasks),
         result_rows=result_rows,
+        baseline_rows=baseline_rows,
         label_tables=label_tables,
         gate_experts=[_cell(name) for name in gate_experts],
         gate_rows=gate_rows,
@@ -601,6 +613,30 @@ def render_expert_card(context: ExpertCardContext, *, template: str | None = Non
         citations=_citations(context.datasets, own=context.citation or expert.citation),
         caveat=CAVEAT,
     )
+
+
+def _baseline_rows(evaluations: Sequence[EvaluationSummary]) -> list[dict[str, str]]:
+    """The ensemble against each baseline, per evaluation and task: both values and the paired difference."""
+    rows = []
+    for evaluation in evaluations:
+        for task, per_baseline in evaluation.paired.items():
+            for name, d in per_baseline.items():
+                expert = evaluation.best_single_expert.get(task) if name.startswith("best single") else None
+                verdict = {"a": "ensemble better", "b": "baseline better"}.get(d.get("better"), "no clear difference")
+                rows.append(
+                    {
+                        "split": _cell(evaluation.split),
+                        "task": _cell(task),
+                        "baseline": _cell(f"{name} ({expert})" if expert else name),
+                        "metric": _cell(d.get("metric")),
+                        "ensemble": _fmt(d.get("a")),
+                        "value": _fmt(d.get("b")),
+                        "difference": "–" if d.get("difference") is None else f"{d['difference']:+.3f}",
+                        "ci": _fmt_ci(d.get("ci")),
+                        "verdict": verdict,
+                    }
+                )
+    return rows
 
 
 def _template_vars(context: Any) -> dict[str, Any]:

@@ -10,7 +10,7 @@ Batches are plain dicts of tensors (what ``accelerate`` moves between devices an
      "gate_input": (B, ...) (signal gate only), "demographics": (B, 2), "labels": {task: (B,) or (B, K)}}
 
 :class:`RecordBatches` prepares records on the fly with :class:`~enecg.ensemble.inputs.EnsembleInputBuilder`
-(every expert's contract and the gate's on the same records); :class:`enecg.training.feature_cache.FeatureTable`
+(every expert's contract and the gate's on the same records); :class:`enecg.ensemble.feature_cache.FeatureTable`
 serves the same dicts from cached embeddings.
 """
 
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from enecg.data.rows import label_arrays, row_to_record
+from enecg.data.rows import label_arrays, rows_to_records
 from enecg.data.schema import DatasetMeta, TaskInfo
 from enecg.data.splits import fold_part
 from enecg.ensemble.inputs import EnsembleInputBuilder
@@ -135,13 +135,6 @@ def regression_stats(part: datasets.Dataset, task: str) -> tuple[float, float]:
         raise ValueError(f"regression task {task!r}: fewer than 2 labelled training records")
     std = float(values.std())
     return float(values.mean()), std if std > 0 else 1.0
-
-
-def rows_to_records(columns: dict[str, Any]) -> tuple[list[ECGRecord], list[dict[str, Any]]]:
-    """A batch of columns (``Dataset[indices]`` in numpy format) -> records and per-row dicts."""
-    n = len(columns["record_id"])
-    rows = [{name: values[i] for name, values in columns.items()} for i in range(n)]
-    return [row_to_record(row) for row in rows], rows
 
 
 class IndexDataset(Dataset):

@@ -117,6 +117,13 @@ class DataSection:
     max_records: int | None = field(
         default=None, metadata={"help": "Use only the first N records of each part (quick runs, tests)."}
     )
+    extra_train: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Other prepared datasets whose records all join every run's training part (never validation "
+            "or test), e.g. the CinC sample with its `superclass` task; they must carry the recipe's tasks."
+        },
+    )
     feature_cache: FeatureCacheMode = field(
         default="auto",
         metadata={
@@ -187,8 +194,56 @@ class TaskSection:
 
 
 @dataclass
+class StrategySettings:
+    """How the ensemble is trained (:mod:`enecg.training.strategies`).
+
+    ``joint``: heads, LoRA and gate train together on the gated mixture's loss (plus ``heads.expert_loss_weight``
+    times each expert's own loss). ``staged`` (stacking done right): stage 1 trains every expert's heads on that
+    expert's own loss, all experts at once, each selected and early-stopped on its own validation score (each
+    reaches what it would alone); stage 2 freezes the heads and fits the gate on *out-of-fold* predictions of the
+    training part (heads retrained on K-1 patient-disjoint folds predict the K-th), so the gate learns how the
+    experts err on records they did not train on, and the validation part stays clean for model selection;
+    optional stage 3 fine-tunes everything jointly at a lower learning rate, kept only if validation improves.
+    """
+
+    name: str = field(default="joint", metadata={"help": "Registered strategy: joint | staged."})
+    oof_folds: int = field(
+        default=5,
+        metadata={"help": "staged: patient-disjoint folds of the training part for the out-of-fold predictions."},
+    )
+    gate_epochs: int | None = field(
+        default=None, metadata={"help": "staged: epochs of the gate fit (null: optim.epochs)."}
+    )
+    gate_lr: float | None = field(
+        default=None, metadata={"help": "staged: learning rate of the gate fit (null: optim.lr)."}
+    )
+    finetune_epochs: int = field(
+        default=0,
+        metadata={
+            "help": "staged: epochs of the optional stage 3, joint fine-tuning of heads, LoRA and gate (0: "
+            "none); its result is kept only if the validation selection metric improves."
+        },
+    )
+    finetune_lr_scale: float = field(
+        default=0.1, metadata={"help": "staged: stage 3 learning rate = optim.lr x this."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.oof_folds < 2:
+            raise ValueError(f"model.strategy.oof_folds must be >= 2, got {self.oof_folds}")
+        if self.gate_epochs is not None and self.gate_epochs < 1:
+            raise ValueError("model.strategy.gate_epochs must be >= 1 or null")
+        if self.gate_lr is not None and not self.gate_lr > 0:
+            raise ValueError("model.strategy.gate_lr must be > 0 or null")
+        if self.finetune_epochs < 0:
+            raise ValueError("model.strategy.finetune_epochs must be >= 0")
+        if not self.finetune_lr_scale > 0:
+            raise ValueError("model.strategy.finetune_lr_scale must be > 0")
+
+
+@dataclass
 class ModelSection:
-    """The ensemble's trainable parts (the :mod:`enecg.ensemble.config` settings)."""
+    """The ensemble's trainable parts (the :mod:`enecg.ensemble.config` settings) and how they are trained."""
 
     heads: HeadSettings = field(default_factory=HeadSettings, metadata={"help": "Per-expert task heads."})
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "LoRA (peft) settings."})
@@ -196,6 +251,9 @@ class ModelSection:
     task_weighting: Literal["static", "uncertainty"] = field(
         default="static",
         metadata={"help": "'static' loss weights, or learned 'uncertainty' weighting (Kendall et al. 2018)."},
+    )
+    strategy: StrategySettings = field(
+        default_factory=StrategySettings, metadata={"help": "Training strategy (joint | staged) and its settings."}
     )
 
 

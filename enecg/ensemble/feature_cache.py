@@ -42,11 +42,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from enecg.data.rows import demographics_array, label_arrays
+from enecg.data.rows import demographics_array, label_arrays, rows_to_records
 from enecg.data.schema import TaskInfo, write_text_atomic
 from enecg.ensemble.inputs import EnsembleInputBuilder
 from enecg.record import ECGRecord
-from enecg.training.data import rows_to_records
 
 logger = logging.getLogger(__name__)
 

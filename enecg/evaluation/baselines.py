@@ -1,0 +1,273 @@
+"""Baselines every ensemble is judged against (scikit-learn), fitted on the training part only.
+
+* **best single expert**: per task, the expert whose own heads score best on *validation* (chosen there, reported
+  on test: an honest single-model baseline, not the test-set oracle);
+* **linear probe** per expert: standardised embedding -> logistic regression (``C = PROBE_C``; one per label
+  for multi-label, multinomial for multi-class) or ridge regression (``alpha`` by leave-one-out CV) — the usual
+  way foundation-model embeddings are benchmarked;
+* **stacker**: the classic stacked generalisation (Wolpert 1992): every expert's probe is refitted on K-1
+  patient-disjoint folds of the training part and predicts the K-th, and a logistic (linear for regression)
+  regression on those *out-of-fold* outputs learns how to weigh the experts; at test time it combines the probes
+  fitted on the whole training part.
+
+The uniform average of the ensemble's own heads is computed by the runner (:mod:`enecg.evaluation.runner`).
+Predictions come back in the evaluation's format: probabilities for classification, values for regression.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LinearRegression, LogisticRegression, RidgeCV
+from sklearn.preprocessing import StandardScaler
+
+from enecg.data.schema import TaskInfo
+from enecg.data.splits import row_folds
+from enecg.evaluation.paired import HEADLINES, headline_value
+
+PROBE_C = 0.1
+STACKER_C = 1.0
+STACKER_FOLDS = 5
+RIDGE_ALPHAS = tuple(10.0 ** np.arange(-2, 4.5, 0.5))
+BEST_SINGLE = "best single expert (validation)"
+STACKER = "stacker (out-of-fold probes)"
+
+
+def probe_name(expert: str) -> str:
+    return f"linear probe: {expert}"
+
+
+@dataclass
+class SplitFeatures:
+    """One split as the baselines see it: each expert's embedding, the labels and the patients (row order)."""
+
+    embeddings: dict[str, np.ndarray] = field(metadata={"help": "expert -> (N, D)"})
+    labels: dict[str, np.ndarray] = field(metadata={"help": "task -> (N,) or (N, K), NaN missing"})
+    patient_ids: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.patient_ids)
+
+
+# --------------------------------------------------------------------------------------------- probes
+
+
+class LinearProbe:
+    """A standardised linear model on one expert's embedding for one task.
+
+    ``scores`` are in a linear space suited to stacking (decision function per label, class log-probabilities,
+    or the regression value); ``predict`` in the evaluation's space."""
+
+    def __init__(self, task: TaskInfo, C: float = PROBE_C) -> None:
+        self.task = task
+        self.C = C
+        self.scaler = StandardScaler()
+        self.models: list[Any] = []
+        self.constants: list[float | None] = []
+
+    def fit(self, x: np.ndarray, y: np.ndarray) -> LinearProbe:
+        x = self.scaler.fit_transform(np.asarray(x, dtype=np.float64))
+        y = np.asarray(y, dtype=np.float64)
+        kind = self.task.type
+        if kind == "regression":
+            keep = ~np.isnan(y)
+            self.models = [RidgeCV(alphas=RIDGE_ALPHAS).fit(x[keep], y[keep])]
+        elif kind == "multiclass":
+            keep = ~np.isnan(y)
+            self.models = [_fit_logistic(x[keep], y[keep].astype(int), self.C)]
+        else:
+            columns = y[:, None] if y.ndim == 1 else y
+            self.models, self.constants = [], []
+            for k in range(columns.shape[1]):
+                keep = ~np.isnan(columns[:, k])
+                values = columns[keep, k]
+                if len(np.unique(values)) < 2:  # one class only: a constant (its AUROC is undefined anyway)
+                    self.models.append(None)
+                    self.constants.append(float(values.mean()) if len(values) else 0.5)
+                else:
+                    self.models.append(_fit_logistic(x[keep], values.astype(int), self.C))
+                    self.constants.append(None)
+        return self
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        x = self.scaler.transform(np.asarray(x, dtype=np.float64))
+        kind = self.task.type
+        if kind == "regression":
+            return self.models[0].predict(x)
+        if kind == "multiclass":
+            n_classes = len(self.task.names)
+            out = np.full((len(x), n_classes), -30.0)  # classes never seen in training: ~zero probability
+            model = self.models[0]
+            out[:, model.classes_] = np.log(np.clip(model.predict_proba(x), 1e-12, 1.0))
+            return out
+        columns = []
+        for model, constant in zip(self.models, self.constants):
+            if model is None:
+                p = min(max(constant, 1e-6), 1 - 1e-6)
+                columns.append(np.full(len(x), math.log(p / (1 - p))))
+            else:
+                columns.append(model.decision_function(x))
+        stacked = np.stack(columns, axis=1)
+        return stacked[:, 0] if self.task.type == "binary" else stacked
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return scores_to_predictions(self.task, self.scores(x))
+
+
+def scores_to_predictions(task: TaskInfo, scores: np.ndarray) -> np.ndarray:
+    """Stacking-space scores -> the evaluation's space (probabilities or values)."""
+    if task.type == "regression":
+        return scores
+    if task.type == "multiclass":
+        shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
+        return shifted / shifted.sum(axis=1, keepdims=True)
+    return 1.0 / (1.0 + np.exp(-scores))
+
+
+def _fit_logistic(x: np.ndarray, y: np.ndarray, C: float) -> LogisticRegression:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return LogisticRegression(C=C, max_iter=5000).fit(x, y)
+
+
+# -------------------------------------------------------------------------------------------- stacker
+
+
+class Stacker:
+    """Logistic (per label / multinomial) or linear regression on the experts' stacking-space scores."""
+
+    def __init__(self, task: TaskInfo, C: float = STACKER_C) -> None:
+        self.task = task
+        self.C = C
+        self.models: list[Any] = []
+        self.constants: list[float | None] = []
+
+    @staticmethod
+    def _features(scores: Sequence[np.ndarray], column: int | None = None) -> np.ndarray:
+        parts = [s if column is None else s[:, column] for s in scores]
+        return np.column_stack([p.reshape(len(p), -1) for p in parts])
+
+    def fit(self, scores: Sequence[np.ndarray], y: np.ndarray) -> Stacker:
+        y = np.asarray(y, dtype=np.float64)
+        kind = self.task.type
+        if kind in ("regression", "multiclass"):
+            x = self._features(scores)
+            keep = ~np.isnan(y)
+            model = (
+                LinearRegression().fit(x[keep], y[keep])
+                if kind == "regression"
+                else _fit_logistic(x[keep], y[keep].astype(int), self.C)
+            )
+            self.models = [model]
+            return self
+        columns = y[:, None] if y.ndim == 1 else y
+        self.models, self.constants = [], []
+        for k in range(columns.shape[1]):
+            x = self._features(scores, None if kind == "binary" else k)
+            keep = ~np.isnan(columns[:, k])
+            values = columns[keep, k]
+            if len(np.unique(values)) < 2:
+                self.models.append(None)
+                self.constants.append(float(values.mean()) if len(values) else 0.5)
+            else:
+                self.models.append(_fit_logistic(x[keep], values.astype(int), self.C))
+                self.constants.append(None)
+        return self
+
+    def predict(self, scores: Sequence[np.ndarray]) -> np.ndarray:
+        kind = self.task.type
+        if kind == "regression":
+            return self.models[0].predict(self._features(scores))
+        if kind == "multiclass":
+            model = self.models[0]
+            out = np.zeros((len(scores[0]), len(self.task.names)))
+            out[:, model.classes_] = model.predict_proba(self._features(scores))
+            return out
+        columns = []
+        for k, (model, constant) in enumerate(zip(self.models, self.constants)):
+            if model is None:
+                columns.append(np.full(len(scores[0]), constant))
+            else:
+                x = self._features(scores, None if kind == "binary" else k)
+                columns.append(model.predict_proba(x)[:, 1])
+        stacked = np.stack(columns, axis=1)
+        return stacked[:, 0] if kind == "binary" else stacked
+
+    def coefficients(self) -> list[list[float]]:
+        """Per output model, the weight of each feature (experts' scores), for the report."""
+        return [[] if m is None else np.ravel(m.coef_).round(4).tolist() for m in self.models]
+
+
+def out_of_fold_scores(
+    task: TaskInfo,
+    embeddings: Mapping[str, np.ndarray],
+    y: np.ndarray,
+    patient_ids: Sequence[str],
+    *,
+    folds: int = STACKER_FOLDS,
+    seed: int = 0,
+    C: float = PROBE_C,
+) -> dict[str, np.ndarray]:
+    """Every expert's probe scores on every training row from a probe fitted without that row's patients."""
+    fold = row_folds(patient_ids, folds, seed)
+    out: dict[str, np.ndarray] = {}
+    for expert, x in embeddings.items():
+        scores = None
+        for k in range(folds):
+            held, rest = fold == k, fold != k
+            part = LinearProbe(task, C).fit(x[rest], y[rest]).scores(x[held])
+            if scores is None:
+                scores = np.zeros((len(x), *part.shape[1:]))
+            scores[held] = part
+        out[expert] = scores
+    return out
+
+
+# ------------------------------------------------------------------------------------------- assembly
+
+
+def best_single_expert(task: TaskInfo, val_labels: np.ndarray, val_expert_predictions: np.ndarray) -> int:
+    """Index of the expert (axis 1 of ``(N, E, ...)`` predictions) with the best validation headline."""
+    _, higher = HEADLINES[task.type]
+    values = []
+    for e in range(val_expert_predictions.shape[1]):
+        value = headline_value(task.type, val_labels, val_expert_predictions[:, e])
+        values.append(value if math.isfinite(value) else (-math.inf if higher else math.inf))
+    return int(np.argmax(values) if higher else np.argmin(values))
+
+
+def fit_baselines(
+    tasks: Sequence[TaskInfo],
+    train: SplitFeatures,
+    evaluated: Mapping[str, SplitFeatures],
+    *,
+    seed: int = 0,
+    folds: int = STACKER_FOLDS,
+) -> tuple[dict[str, dict[str, dict[str, np.ndarray]]], dict[str, Any]]:
+    """Linear probes and the stacker, fitted on ``train``, predicting each split of ``evaluated``.
+
+    Returns ``(predictions, details)``: predictions ``name -> split -> task -> array``; details per task: the
+    stacker's coefficients and the folds used."""
+    experts = list(train.embeddings)
+    predictions: dict[str, dict[str, dict[str, np.ndarray]]] = {
+        name: {split: {} for split in evaluated} for name in [*map(probe_name, experts), STACKER]
+    }
+    details: dict[str, Any] = {"probe_C": PROBE_C, "stacker_C": STACKER_C, "stacker_folds": folds, "tasks": {}}
+    for task in tasks:
+        y = train.labels[task.name]
+        probes = {e: LinearProbe(task).fit(train.embeddings[e], y) for e in experts}
+        oof = out_of_fold_scores(task, train.embeddings, y, train.patient_ids, folds=folds, seed=seed)
+        stacker = Stacker(task).fit([oof[e] for e in experts], y)
+        for split, features in evaluated.items():
+            scores = [probes[e].scores(features.embeddings[e]) for e in experts]
+            for e, s in zip(experts, scores):
+                predictions[probe_name(e)][split][task.name] = scores_to_predictions(task, s)
+            predictions[STACKER][split][task.name] = stacker.predict(scores)
+        details["tasks"][task.name] = {"stacker_coefficients": stacker.coefficients(), "features": experts}
+    return predictions, details
