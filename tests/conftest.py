@@ -70,3 +70,24 @@ def ptbxl_training_dataset(ptbxl_dir: Path) -> Path:
     out = Path(tempfile.gettempdir()) / "enecg-tests" / "ptbxl500-100hz-training"
     prepare_ptbxl(ptbxl_dir, out, PtbxlOptions(rate=100, tasks=TRAINING_TASKS))
     return out
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """Tiny heads on 2 shared cores: OpenMP threading costs more than it gains (and tests run side by side)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps process-wide state: each training run in a test process starts from a clean one."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)

@@ -10,8 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench" / "bench_training.py"
 
@@ -31,15 +29,17 @@ def test_quick_run_writes_the_schema(ptbxl_dir: Path, tmp_path: Path) -> None:
         "--threads=1",
         # The smallest slice of each section that still exercises its whole path: random-weight foundation
         # experts through the trainer with and without the cache, fresh-subprocess peak memory of the two modes a
-        # ratio needs, and one fold of the k-fold MoE comparison with its created (demographics) experts.
+        # ratio needs, and one fold x seed of the ensemble-quality protocol for the default and the joint strategy.
         "--cache-sets=foundation",
         "--memory-sets=light",
         "--memory-modes=ensemble,full_finetune",
         "--folds=0",
-        "--no-single-expert-runs",
+        "--seeds=0",
+        "--variants=staged,joint",
+        f"--work-dir={tmp_path / 'work'}",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=REPO, env=env)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=420, cwd=REPO, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     document = json.loads(out.read_text())
     assert not list(tmp_path.glob("*.tmp"))  # written atomically
@@ -72,17 +72,23 @@ def test_quick_run_writes_the_schema(ptbxl_dir: Path, tmp_path: Path) -> None:
     assert set(params["experts"]) == {"simplenet", "attianet", "parallelcnn_demographics"}
     assert params["full_finetune_trainable"] == full["trainable_in_this_mode"]
 
-    moe = document["moe"]
-    assert [fold["fold"] for fold in moe["folds"]] == [0]
-    assert moe["experts"]["parallelcnn_demographics"]["use_demographics"] is True
-    summary = moe["summary"]
-    expected = {"mixture_of_experts", "uniform_average"} | {
-        f"expert_head:{name}" for name in ("simplenet", "attianet", "parallelcnn_demographics")
-    }
-    assert set(summary) == expected
-    for method in summary.values():
-        assert method["n"] == 1 and all(0.0 <= v <= 1.0 for v in method["values"])
-    fold = moe["folds"][0]
-    # The runner's ensemble AUROC and the trainer's own test evaluation describe the same saved model.
-    assert fold["mixture_of_experts"] == pytest.approx(fold["trainer_test_macro_auroc"], abs=1e-4)
-    assert sum(fold["mean_gate_weight"].values()) == pytest.approx(1.0, abs=1e-4)
+    ensemble = document["ensemble"]
+    assert ensemble["folds"] == [0] and ensemble["seeds"] == [0]
+    assert {r["variant"] for r in ensemble["runs"]} == {"staged", "joint"}
+    for run in ensemble["runs"]:
+        assert {"ensemble", "uniform average", "best single expert (validation)", "stacker (out-of-fold probes)"} <= set(
+            run["rows"]
+        )
+        for task in ("superclass", "sex", "age"):
+            assert set(run["paired"][task]) == {
+                "uniform average",
+                "best single expert (validation)",
+                "stacker (out-of-fold probes)",
+            }
+            assert run["gate"]["record_sd"][task] >= 0
+    staged = next(r for r in ensemble["runs"] if r["variant"] == "staged")
+    assert staged["strategy"]["final_phase"] == "gate"
+    summary = ensemble["summary"]["staged"]["tasks"]["superclass"]
+    assert summary["rows"]["ensemble"]["n"] == 1 and "best single expert (validation)" in summary["paired"]
+    assert set(ensemble["targets"]) >= {"variant", "superclass_vs_best_single_plus_0.01", "superclass_vs_uniform"}
+    assert (tmp_path / "training.png").is_file()  # the figure next to the JSON

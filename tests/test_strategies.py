@@ -27,23 +27,7 @@ from enecg.training.strategies.staged import OOF_DIR, OOF_FOLDS_FILE, OOF_LOGITS
 from enecg.training.trainer import train
 
 TASKS = ("superclass", "sex", "age")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
+pytestmark = pytest.mark.usefixtures("single_torch_thread", "fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")

@@ -25,23 +25,8 @@ LIGHT_RECIPE = REPO / "recipes" / "ptbxl_light_ensemble.yaml"
 TASKS = ("superclass", "sex", "age")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny heads on 2 shared cores: OpenMP threading costs more than it gains (and tests run side by side).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    # Accelerate keeps process-wide state; tests here use different precisions in one process.
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
+# Accelerate's process-wide state is reset around every test: tests here use different precisions in one process.
+pytestmark = pytest.mark.usefixtures("single_torch_thread", "fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")

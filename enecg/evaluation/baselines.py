@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,17 +82,7 @@ class LinearProbe:
             keep = ~np.isnan(y)
             self.models = [_fit_logistic(x[keep], y[keep].astype(int), self.C)]
         else:
-            columns = y[:, None] if y.ndim == 1 else y
-            self.models, self.constants = [], []
-            for k in range(columns.shape[1]):
-                keep = ~np.isnan(columns[:, k])
-                values = columns[keep, k]
-                if len(np.unique(values)) < 2:  # one class only: a constant (its AUROC is undefined anyway)
-                    self.models.append(None)
-                    self.constants.append(float(values.mean()) if len(values) else 0.5)
-                else:
-                    self.models.append(_fit_logistic(x[keep], values.astype(int), self.C))
-                    self.constants.append(None)
+            self.models, self.constants = _fit_per_label(lambda k: x, y, self.C)
         return self
 
     def scores(self, x: np.ndarray) -> np.ndarray:
@@ -128,6 +118,26 @@ def scores_to_predictions(task: TaskInfo, scores: np.ndarray) -> np.ndarray:
         shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
         return shifted / shifted.sum(axis=1, keepdims=True)
     return 1.0 / (1.0 + np.exp(-scores))
+
+
+def _fit_per_label(
+    features: Callable[[int], np.ndarray], y: np.ndarray, C: float
+) -> tuple[list[LogisticRegression | None], list[float | None]]:
+    """One logistic regression per label column of ``y`` (``(N,)`` binary or ``(N, K)``) on ``features(k)``,
+    NaN labels left out; a label with one class in training gets a constant (its prevalence) instead."""
+    columns = y[:, None] if y.ndim == 1 else y
+    models: list[LogisticRegression | None] = []
+    constants: list[float | None] = []
+    for k in range(columns.shape[1]):
+        keep = ~np.isnan(columns[:, k])
+        values = columns[keep, k]
+        if len(np.unique(values)) < 2:  # one class only: its AUROC is undefined anyway
+            models.append(None)
+            constants.append(float(values.mean()) if len(values) else 0.5)
+        else:
+            models.append(_fit_logistic(features(k)[keep], values.astype(int), C))
+            constants.append(None)
+    return models, constants
 
 
 def _fit_logistic(x: np.ndarray, y: np.ndarray, C: float) -> LogisticRegression:
@@ -166,18 +176,9 @@ class Stacker:
             )
             self.models = [model]
             return self
-        columns = y[:, None] if y.ndim == 1 else y
-        self.models, self.constants = [], []
-        for k in range(columns.shape[1]):
-            x = self._features(scores, None if kind == "binary" else k)
-            keep = ~np.isnan(columns[:, k])
-            values = columns[keep, k]
-            if len(np.unique(values)) < 2:
-                self.models.append(None)
-                self.constants.append(float(values.mean()) if len(values) else 0.5)
-            else:
-                self.models.append(_fit_logistic(x[keep], values.astype(int), self.C))
-                self.constants.append(None)
+        self.models, self.constants = _fit_per_label(
+            lambda k: self._features(scores, None if kind == "binary" else k), y, self.C
+        )
         return self
 
     def predict(self, scores: Sequence[np.ndarray]) -> np.ndarray:

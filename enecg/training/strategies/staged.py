@@ -23,6 +23,7 @@ training records would learn to trust overfitted experts.
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import torch
@@ -41,6 +42,8 @@ from enecg.training.loop import (
     run_phase,
 )
 from enecg.training.strategies.base import StrategyResult, TrainingStrategy, register_strategy
+
+logger = logging.getLogger(__name__)
 
 OOF_DIR = "oof"
 OOF_LOGITS_FILE = "oof_logits.safetensors"
@@ -97,6 +100,11 @@ class StagedStrategy(TrainingStrategy):
         if ensemble.combine_embeddings:
             raise ValueError(
                 "model.strategy.name='staged' trains each expert's own heads: it needs gate.combine='predictions'"
+            )
+        if ensemble.config.task_weighting == "uncertainty" and self.settings.finetune_epochs == 0:
+            logger.warning(
+                "task_weighting='uncertainty' has no effect with the staged strategy without stage 3 "
+                "(finetune_epochs > 0): stages 1 and 2 weigh the tasks by their static loss_weight"
             )
 
     def fit(self, ctx: RunContext) -> StrategyResult:
