@@ -101,6 +101,14 @@ VARIANTS: dict[str, tuple[dict[str, Any], str | None, tuple[str, ...]]] = {
     ),
     # Staged heads, then one learned weight vector per task for every record (no routing).
     "staged_global_gate": ({"model.gate.input": "global"}, "staged", ("gate",)),
+    # The gate fitted with a 10x larger learning rate (optim.lr 3e-3 moves a zero-started router little in
+    # ~100 steps: the gate then stays near the uniform mixture).
+    "staged_gate_lr_0.03": ({"model.strategy.gate_lr": 0.03}, "staged", ("gate",)),
+    "staged_global_gate_lr_0.03": (
+        {"model.gate.input": "global", "model.strategy.gate_lr": 0.03},
+        "staged",
+        ("gate",),
+    ),
     # Staged + stage 3 (joint fine-tuning at lr x 0.1, kept only if validation improves).
     "staged_finetune": ({"model.strategy.finetune_epochs": 10}, "staged", ("finetune",)),
 }

@@ -45,7 +45,8 @@ class EnsembleOutput:
             of the mixture, see :mod:`enecg.ensemble.tasks`; for regression: normalised predictions).
         predictions: task -> combined predictions (probabilities, class probabilities, or raw-unit values).
         expert_logits: task -> ``(B, E, ...)`` each expert's logits; 0 where the expert was not routed to.
-        expert_predictions: task -> ``(B, E, ...)`` each expert's predictions; NaN where not routed to.
+        expert_predictions: task -> ``(B, E, ...)`` each expert's predictions; NaN where that task's weights do not
+            route to the expert.
         gate_weights: task -> ``(B, E)`` mixture weights (rows sum to 1).
         routed: ``(B, E)`` bool, True where an expert ran on a record (for any task).
         aux_losses: unweighted gate terms (``gate/load_balance``, ``gate/entropy``).
@@ -316,7 +317,10 @@ class Ensemble(nn.Module):
             out_logits[task.name] = combined
             out_preds[task.name] = task.predict(combined)
             expert_logit_out[task.name] = stacked
-            mask = routed_any if task.is_scalar else routed_any.unsqueeze(-1)
+            # An expert explains a task only where that task's weights route to it (per-task gates may route
+            # another expert for another task of the same record).
+            routed_here = gate_out.routed[:, group]
+            mask = routed_here if task.is_scalar else routed_here.unsqueeze(-1)
             expert_pred = task.predict(stacked)
             expert_preds[task.name] = torch.where(
                 mask, expert_pred, torch.full_like(expert_pred, float("nan"))
