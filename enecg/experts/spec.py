@@ -76,7 +76,7 @@ class Spec:
         metadata={"help": "Short lower-case id (e.g. 'hubert-ecg-small'); a load_expert() name."}
     )
     family: str = field(
-        metadata={"help": "Registered ExpertFamily name (net1d, hubert_ecg, ecg_fm, moment, light)."}
+        metadata={"help": "Registered ExpertFamily name (net1d, hubert_ecg, ecg_fm, moment, mantis, light)."}
     )
     weights_file: str = field(metadata={"help": "Weights file inside the repo / folder."})
     contract: InputContract = field(metadata={"help": "How records must be prepared for this model."})
