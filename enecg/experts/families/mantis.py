@@ -562,6 +562,11 @@ def rename_legacy_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.T
     }
 
 
+def architecture_of(state_dict: dict[str, torch.Tensor]) -> str:
+    """'v2' when the transformer has V2 parameter names, else 'v1'."""
+    return "v2" if any(key.endswith(".attention.wQKV.weight") for key in state_dict) else "v1"
+
+
 def is_mantis_config(config: dict[str, Any]) -> bool:
     """The published configs carry no model name; their key set is distinctive (a token generator's scalar
     encoder plus the transformer shape)."""
@@ -587,7 +592,12 @@ class MantisFamily(ExpertFamily):
         state_dict, config, path = read_state_dict_with_config(path, WEIGHTS_FILES)
         if config is not None and not is_mantis_config(config):
             raise WeightsError(f"{path.with_name('config.json')}: not a Mantis config")
-        return rename_legacy_keys(state_dict), config
+        state_dict = rename_legacy_keys(state_dict)
+        if config is not None and "mantis_version" not in config:
+            # The weights say which architecture they are (V2's RMSNorm scales vs V1's stored position table);
+            # more reliable than guessing from config keys, which differ between package versions.
+            config = {**config, "mantis_version": architecture_of(state_dict)}
+        return state_dict, config
 
     def detect(self, folder: Path) -> Path | None:
         folder = Path(folder)
