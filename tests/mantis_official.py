@@ -2,7 +2,9 @@
 a JSON job list, saves each in the published layout and records the official outputs for fixed inputs.
 
 Usage: ``python tests/mantis_official.py JOBS.json OUT_DIR``. ``JOBS.json`` is a list of
-``{"name", "cls" ("MantisV1" | "Mantis8M" | "MantisV2"), "kwargs", "seed", "length", "batch", "channels"}``.
+``{"name", "cls" ("MantisV1" | "Mantis8M" | "MantisV2"), "kwargs", "runtime", "seed", "length", "batch",
+"channels", "config_json"}`` (``runtime``: the instance arguments of the V1/V2 ``from_pretrained``;
+``config_json``: optional, written over the saved config.json before the official reload).
 For each job ``OUT_DIR/<name>/`` receives ``config.json`` + ``model.safetensors`` (``save_pretrained``, the
 files ``from_pretrained`` reads), ``input.npy`` (batch, channels, length), ``expected_network.npy`` (the
 network on channel 0, eval mode), ``expected_transform.npy`` (``MantisTrainer.transform``: every channel,
@@ -30,6 +32,9 @@ def run_job(job: dict, out: Path) -> None:
     network = cls(device="cpu", **job["kwargs"]).eval()
     folder = out / job["name"]
     network.save_pretrained(str(folder))
+    if job.get("config_json") is not None:
+        # A published config.json verbatim (e.g. MantisPlus's, with keys the 1.1.0 classes do not take).
+        (folder / "config.json").write_text(json.dumps(job["config_json"], indent=2))
     # Reload through the official loader, so what is compared is what from_pretrained gives for these files.
     if job["cls"] == "Mantis8M":
         loaded = cls.from_pretrained(str(folder), device="cpu")

@@ -21,6 +21,11 @@ concatenates the per-channel embeddings channel-major, giving ``(B, C * D)``. :m
 same; the enecg-only config key ``num_channels`` (set by the adapter specs, 12 for 12-lead ECG) fixes ``C`` so the
 embedding size is known before any input is seen.
 
+Output options: the official V1/V2 ``from_pretrained`` is an *instance* method that copies ``output_token``,
+``return_transf_layer`` and ``pre_training`` from the instance it is called on, not from config.json. Here they come
+from the config (config.json, then the spec's ``config`` overrides), so a spec sets them explicitly; the published
+files and the official defaults agree (CLS token of the last layer, no projector).
+
 Legacy key names: ``Mantis8M`` (and checkpoints saved by it) call the transformer unit ``vit_unit``; the official
 ``MantisV1`` renames it to ``transf_unit`` in a load hook. :meth:`MantisFamily.read_checkpoint` maps the alias the
 same way, so either layout loads strictly.
