@@ -847,3 +847,15 @@ def test_mantis_missing_key_is_one_line_naming_key_and_file(hub_cache: Path, tmp
         load_expert("paris-noah/MantisV2")
     message = one_line(info.value)
     assert removed in message and "model.safetensors" in message
+
+
+def test_mantis_folder_is_detected_without_spec(tmp_path: Path) -> None:
+    """A local published-layout folder loads from its files alone; the architecture comes from the files (here V2),
+    not from the bundled spec whose contract it borrows."""
+    requires_family("mantis")
+    folder = write_mantis_folder(tmp_path / "my-mantis", MANTIS_V2_CONFIG, legacy_keys=False)
+    resolved = resolve_expert(folder)
+    assert resolved.spec_origin == "detected" and resolved.spec.family == "mantis"
+    assert resolved.spec.contract == bundled_spec("mantisv2").contract
+    expert = load_expert(folder)
+    assert expert.model.config.version == "v2" and expert.embedding_dim == 3072 and expert.name == "my-mantis"
