@@ -22,7 +22,7 @@ setup(
         "enecg.recipes.accelerate_configs": "recipes/accelerate_configs",
     },
     package_data={
-        "enecg.adapters": ["*.yaml", "*.yml", "*.json"],
+        "enecg.adapters": ["*.yaml", "*.yml", "*.json", "*.md"],
         "enecg.hub_cards": ["*.md", "*.jinja"],
         "enecg.recipes": ["*.yaml", "*.md"],
         "enecg.recipes.accelerate_configs": ["*.yaml"],

@@ -73,6 +73,13 @@ class ExpertCase:
     official_reason: str | None = field(
         default=None, metadata={"help": "Why no official implementation runs here (official is None)."}
     )
+    official_optional: bool = field(
+        default=False,
+        metadata={
+            "help": "The official package may be absent from the bench environment (its own pins conflict); "
+            "then the entry says so instead of failing."
+        },
+    )
 
 
 TINY_HUBERT = {
@@ -141,6 +148,41 @@ TINY_ECG_FM = {
     "latent_vars": 8,
 }
 
+TINY_MANTIS_V1 = {
+    "mantis_version": "v1",
+    "seq_len": 512,
+    "hidden_dim": 32,
+    "num_patches": 32,
+    "hidden_dim_scalar_enc": 8,
+    "transf_depth": 2,
+    "transf_num_heads": 2,
+    "transf_mlp_dim": 64,
+    "transf_dim_head": 16,
+    "num_channels": 12,
+}
+TINY_MANTIS_V2 = {**TINY_MANTIS_V1, "mantis_version": "v2", "kernel_size": 41}
+# The published configs (config.json of paris-noah/Mantis-8M and /MantisV2, architecture keys), plus the spec's
+# num_channels. MantisPlus has the Mantis-8M architecture, so it costs the same and is not benchmarked twice.
+MANTIS_8M = {
+    "mantis_version": "v1",
+    "seq_len": 512,
+    "hidden_dim": 256,
+    "num_patches": 32,
+    "hidden_dim_scalar_enc": 32,
+    "epsilon_scalar_enc": 1.1,
+    "transf_depth": 6,
+    "transf_num_heads": 8,
+    "transf_mlp_dim": 512,
+    "transf_dim_head": 128,
+    "num_channels": 12,
+}
+MANTIS_V2 = {
+    **{k: v for k, v in MANTIS_8M.items() if k != "seq_len"},
+    "mantis_version": "v2",
+    "kernel_size": 41,
+    "transf_dim_head": 32,
+}
+
 _NO_OFFICIAL_NET1D = (
     "the official Net1D is net1d.py in the PKUDigitalHealth/ECGFounder GitHub repository, not a pip package; it "
     "cannot be installed here (PyPI only, no GitHub)"
@@ -196,6 +238,21 @@ CASES: tuple[ExpertCase, ...] = (
             official="transformers_t5_encoder",
         )
         for size in ("small", "base", "large")
+    ),
+    *(
+        ExpertCase(
+            name=name,
+            family="mantis",
+            input_shape=(12, 512),
+            quick_config=quick,
+            config=config,
+            official="mantis_tsfm",
+            official_optional=True,
+        )
+        for name, config, quick in (
+            ("mantis-8m", MANTIS_8M, TINY_MANTIS_V1),
+            ("mantisv2", MANTIS_V2, TINY_MANTIS_V2),
+        )
     ),
     *(
         ExpertCase(
@@ -495,6 +552,43 @@ def official_transformers_t5_encoder(model: nn.Module, x: torch.Tensor, family: 
     )
 
 
+class OfficialUnavailable(RuntimeError):
+    """The official package is not importable in this environment (reported in the entry, not a failure)."""
+
+
+def official_mantis_tsfm(model: nn.Module, x: torch.Tensor, native_embedding: torch.Tensor) -> OfficialRun:
+    """The official ``mantis.architecture.MantisV1`` / ``MantisV2`` with our weights, run the way
+    ``MantisTrainer.transform`` runs it: every lead through the network on its own, embeddings concatenated.
+    mantis-tsfm pins pandas<3/numpy<3, so it is often absent from the bench environment (tests run it in its
+    own environment, tests/test_parity_mantis.py)."""
+    try:
+        import mantis.architecture as official_arch
+    except ImportError as exc:
+        raise OfficialUnavailable(
+            f"mantis-tsfm not importable here ({exc}); install it in this environment to compare"
+        ) from exc
+    config = model.config.to_dict()
+    version, channels = config.pop("mantis_version"), config.pop("num_channels")
+    if version == "v2":
+        config.pop("seq_len")
+        official = official_arch.MantisV2(device=str(x.device), **config)
+    else:
+        config.pop("kernel_size")
+        official = official_arch.MantisV1(device=str(x.device), **config)
+    official.load_state_dict(model.state_dict(), strict=True)
+    official.eval()
+    batch, _, length = x.shape
+    flat = x.reshape(batch * channels, 1, length)
+    return OfficialRun(
+        implementation=f"mantis-tsfm {type(official).__name__}",
+        scope="full embedding forward: every lead through the network, per-lead outputs concatenated",
+        forward=lambda: official(flat).reshape(batch, -1),
+        native_output=native_embedding,
+        compared="concatenated per-lead embeddings (B, leads * hidden_dim)",
+        model=official,
+    )
+
+
 def build_official(
     case: ExpertCase, model: nn.Module, x: torch.Tensor, family: ExpertFamily, native: torch.Tensor
 ) -> OfficialRun:
@@ -502,6 +596,8 @@ def build_official(
         return official_transformers_hubert(model, x, native)
     if case.official == "transformers_t5_encoder":
         return official_transformers_t5_encoder(model, x, family)
+    if case.official == "mantis_tsfm":
+        return official_mantis_tsfm(model, x, native)
     raise ValueError(f"unknown official runner {case.official!r}")
 
 
@@ -571,6 +667,12 @@ def bench_expert(
                 official = build_official(case, model, x, family, native)
                 official_flops, official_out = count_flops(official.forward)
                 calls["official"] = official.forward
+            except OfficialUnavailable as exc:
+                if not case.official_optional:
+                    raise
+                LOG.info("%s: %s", case.name, exc)
+                entry["official_reason"] = str(exc).splitlines()[0]
+                official = None
             except Exception as exc:  # an official stack failing here is reported, not fatal to the bench
                 LOG.warning("%s: official implementation failed: %s", case.name, exc)
                 entry["official_reason"] = f"failed here: {type(exc).__name__}: {exc}".splitlines()[0]

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import parity_dir
 from torch import nn
@@ -55,6 +56,9 @@ EXPECTED_SPECS = {
     "moment-1-small": ("AutonLab/MOMENT-1-small", "model.safetensors", "moment", 512, "mit"),
     "moment-1-base": ("AutonLab/MOMENT-1-base", "model.safetensors", "moment", 768, "mit"),
     "moment-1-large": ("AutonLab/MOMENT-1-large", "model.safetensors", "moment", 1024, "mit"),
+    "mantis-8m": ("paris-noah/Mantis-8M", "model.safetensors", "mantis", 3072, "mit"),
+    "mantisplus": ("paris-noah/MantisPlus", "model.safetensors", "mantis", 3072, "mit"),
+    "mantisv2": ("paris-noah/MantisV2", "model.safetensors", "mantis", 3072, "mit"),
 }
 
 
@@ -148,6 +152,78 @@ def test_moment_contract() -> None:
             "leads_time",
             "none",
         )
+
+
+def test_mantis_contract_and_published_configs() -> None:
+    """512 samples at 100 Hz per lead, no scaling; 12 per-lead 256-d CLS vectors concatenated. The configs are the
+    published config.json files (MantisPlus's verbatim, with its inert extra keys; the others as the official
+    save_pretrained writes them), read the way the specs read them (config_from checkpoint + num_channels)."""
+    published = {
+        "mantis-8m": {
+            "seq_len": 512,
+            "hidden_dim": 256,
+            "num_patches": 32,
+            "transf_depth": 6,
+            "hidden_dim_scalar_enc": 32,
+            "epsilon_scalar_enc": 1.1,
+            "device": "cpu",
+        },
+        "mantisplus": {
+            "device": "cpu",
+            "epsilon_scalar_enc": 1.1,
+            "hidden_dim": 256,
+            "hidden_dim_scalar_enc": 32,
+            "kernel_size": None,
+            "no_diff_operator": False,
+            "no_scalars": False,
+            "num_patches": 32,
+            "output": "cls_token",
+            "patch_length_oriented": False,
+            "pre_training": False,
+            "return_transf_layer": -1,
+            "scalar_scales": None,
+            "seq_len": 512,
+            "transf_depth": 6,
+            "transf_dim_head": 128,
+            "transf_dropout": 0.1,
+            "transf_mlp_dim": 512,
+            "transf_num_heads": 8,
+        },
+        "mantisv2": {
+            "kernel_size": 41,
+            "hidden_dim": 256,
+            "num_patches": 32,
+            "transf_depth": 6,
+            "hidden_dim_scalar_enc": 32,
+            "epsilon_scalar_enc": 1.1,
+            "transf_dim_head": 32,
+            "output_token": "cls_token",
+            "return_transf_layer": -1,
+            "device": "cpu",
+        },
+    }
+    family = get_family("mantis")
+    for name, config in published.items():
+        spec = bundled_spec(name)
+        c = spec.contract
+        assert (c.fs, c.leads, c.length, c.layout, c.scaling, c.long_records) == (
+            100.0,
+            STANDARD_12_LEADS,
+            512,
+            "leads_time",
+            "none",
+            "segments",
+        )
+        assert spec.config_from == "checkpoint" and dict(spec.config) == {"num_channels": 12}
+        assert family.embedding_dim({**config, **spec.config}) == spec.embedding_dim == 12 * 256
+        with torch.device("meta"):
+            model = family.build({**config, **spec.config})
+        assert model.config.version == ("v2" if name == "mantisv2" else "v1")
+        n_params = sum(p.numel() for p in model.parameters())
+        assert n_params == (4188672 if name == "mantisv2" else 8103936)  # the official counts
+        names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        for target in spec.lora_target_modules or family.lora_target_modules(dict(config)):
+            assert any(n.endswith("." + target) for n in names), f"{name}: {target!r}"
 
 
 # ---------------------------------------------------------------------- sizes and LoRA targets vs the families

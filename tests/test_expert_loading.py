@@ -730,3 +730,132 @@ def test_bundled_spec_name_and_hub_id_resolve_to_the_published_files(hub_cache: 
     with pytest.raises(ExpertLoadError) as info:
         load_expert("ecgfounder-1lead")  # same repo and commit, but its file is not cached
     assert "'1_lead_ECGFounder.pth'" in one_line(info.value)
+
+
+# ---------------------------------------------------------------------- Mantis by Hub ID (published layout)
+
+# config.json exactly as the official mantis-tsfm 1.1.0 save_pretrained writes it for the published classes
+# (Mantis8M: the legacy class behind paris-noah/Mantis-8M; MantisV2), checked in tests/test_parity_mantis.py.
+MANTIS_8M_CONFIG = {
+    "device": "cpu",
+    "epsilon_scalar_enc": 1.1,
+    "hidden_dim": 256,
+    "hidden_dim_scalar_enc": 32,
+    "num_patches": 32,
+    "pre_training": False,
+    "scalar_scales": None,
+    "seq_len": 512,
+    "transf_depth": 6,
+    "transf_dim_head": 128,
+    "transf_dropout": 0.1,
+    "transf_mlp_dim": 512,
+    "transf_num_heads": 8,
+}
+MANTIS_V2_CONFIG = {
+    "device": "cpu",
+    "epsilon_scalar_enc": 1.1,
+    "hidden_dim": 256,
+    "hidden_dim_scalar_enc": 32,
+    "kernel_size": 41,
+    "num_patches": 32,
+    "output_token": "cls_token",
+    "pre_training": False,
+    "return_transf_layer": -1,
+    "scalar_scales": None,
+    "transf_depth": 6,
+    "transf_dim_head": 32,
+    "transf_dropout": 0.1,
+    "transf_mlp_dim": 512,
+    "transf_num_heads": 8,
+}
+
+
+def write_mantis_folder(folder: Path, config: dict[str, Any], *, legacy_keys: bool, seed: int = 0) -> Path:
+    """A published-layout Mantis folder (config.json + model.safetensors) with random weights; ``legacy_keys``
+    writes the transformer under ``vit_unit.*`` as the legacy Mantis8M class does."""
+    from enecg.experts.family import get_family
+
+    torch.manual_seed(seed)
+    state = get_family("mantis").build(config).state_dict()
+    if legacy_keys:
+        state = {k.replace("transf_unit.", "vit_unit.", 1): v for k, v in state.items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("hub_id", "spec_name", "config", "legacy_keys", "version"),
+    [
+        ("paris-noah/Mantis-8M", "mantis-8m", MANTIS_8M_CONFIG, True, "v1"),
+        ("paris-noah/MantisV2", "mantisv2", MANTIS_V2_CONFIG, False, "v2"),
+    ],
+)
+def test_mantis_by_hub_id_offline(
+    hub_cache: Path,
+    tmp_path: Path,
+    hub_id: str,
+    spec_name: str,
+    config: dict[str, Any],
+    legacy_keys: bool,
+    version: str,
+) -> None:
+    requires_family("mantis")
+    source = write_mantis_folder(tmp_path / "src", config, legacy_keys=legacy_keys)
+    snapshot = make_hub_repo(
+        hub_cache,
+        hub_id,
+        {"config.json": source / "config.json", "model.safetensors": source / "model.safetensors"},
+    )
+    expert = load_expert(hub_id)
+    assert (expert.name, expert.hub_id, expert.revision) == (spec_name, hub_id, COMMIT)
+    assert expert.weights_path == snapshot / "model.safetensors"
+    assert expert.key_report == {"dropped": [], "missing": []}
+    assert expert.model.config.version == version and expert.embedding_dim == 12 * 256
+    assert all(not p.requires_grad for p in expert.parameters()) and not expert.model.training
+    # Every published tensor arrived (legacy vit_unit.* names included).
+    written = read_weights(source / "model.safetensors")
+    loaded = expert.model.state_dict()
+    for key, value in written.items():
+        torch.testing.assert_close(loaded[key.replace("vit_unit.", "transf_unit.", 1)], value, rtol=0, atol=0)
+
+    # Contract: a 10-s 500-Hz record -> 100 Hz, ONE 512-sample window of 12 leads, embedded lead by lead.
+    record = synthetic_record(STANDARD_12_LEADS, fs=500.0, seconds=10.0)
+    seen = spy_on_embed(expert)
+    out = expert.embed([record, record])
+    assert seen == [(2, 12, 512)] and tuple(out.shape) == (2, 3072)
+    window = expert.prepare([record])[:, 0]  # (1, 12, 512)
+    with torch.no_grad():
+        per_lead = [expert.model(window[:, [lead]]) for lead in range(12)]
+    torch.testing.assert_close(out[:1], torch.cat(per_lead, dim=1), rtol=0, atol=1e-5)
+
+
+def test_mantis_missing_key_is_one_line_naming_key_and_file(hub_cache: Path, tmp_path: Path) -> None:
+    requires_family("mantis")
+    source = write_mantis_folder(tmp_path / "src", MANTIS_V2_CONFIG, legacy_keys=False)
+    state = read_weights(source / "model.safetensors")
+    removed = "transf_unit.cls_token"
+    del state[removed]
+    save_file(state, str(source / "model.safetensors"))
+    make_hub_repo(
+        hub_cache,
+        "paris-noah/MantisV2",
+        {"config.json": source / "config.json", "model.safetensors": source / "model.safetensors"},
+    )
+    with pytest.raises(WeightsError) as info:
+        load_expert("paris-noah/MantisV2")
+    message = one_line(info.value)
+    assert removed in message and "model.safetensors" in message
+
+
+def test_mantis_folder_is_detected_without_spec(tmp_path: Path) -> None:
+    """A local published-layout folder loads from its files alone; the architecture comes from the files (here V2),
+    not from the bundled spec whose contract it borrows."""
+    requires_family("mantis")
+    folder = write_mantis_folder(tmp_path / "my-mantis", MANTIS_V2_CONFIG, legacy_keys=False)
+    resolved = resolve_expert(folder)
+    assert resolved.spec_origin == "detected" and resolved.spec.family == "mantis"
+    assert resolved.spec.contract == bundled_spec("mantisv2").contract
+    expert = load_expert(folder)
+    assert expert.model.config.version == "v2" and expert.embedding_dim == 3072 and expert.name == "my-mantis"

@@ -76,7 +76,7 @@ class Spec:
         metadata={"help": "Short lower-case id (e.g. 'hubert-ecg-small'); a load_expert() name."}
     )
     family: str = field(
-        metadata={"help": "Registered ExpertFamily name (net1d, hubert_ecg, ecg_fm, moment, light)."}
+        metadata={"help": "Registered ExpertFamily name (net1d, hubert_ecg, ecg_fm, moment, mantis, light)."}
     )
     weights_file: str = field(metadata={"help": "Weights file inside the repo / folder."})
     contract: InputContract = field(metadata={"help": "How records must be prepared for this model."})
@@ -271,8 +271,13 @@ class Spec:
 
 
 def bundled_spec_dir() -> Path:
-    """Folder holding the bundled ``*.yaml`` specs (the installed ``enecg.adapters`` package, or the source tree's
-    top-level ``adapters/`` when running from a checkout that does not map it)."""
+    """Folder holding the bundled ``*.yaml`` specs: the top-level ``adapters/`` beside this source tree when enecg
+    runs from a checkout, else the installed ``enecg.adapters`` package."""
+    # The checkout's own folder first: an editable install maps enecg.adapters to the checkout it was made from,
+    # which is another tree when this one is imported via PYTHONPATH (e.g. a git worktree).
+    checkout = Path(__file__).resolve().parents[2] / "adapters"
+    if (checkout / "__init__.py").is_file() and any(checkout.glob("*.yaml")):
+        return checkout
     try:
         return Path(str(importlib.resources.files("enecg.adapters")))
     except ModuleNotFoundError:
