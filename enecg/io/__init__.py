@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from enecg.io.checks import check_signal
+from enecg.io.checks import check_signal, check_timing
 from enecg.io.comments import comment_metadata
 from enecg.io.header import WfdbHeader, read_header
 from enecg.io.signals import millivolt_factors, read_dat_signal, read_mat_signal
@@ -48,6 +48,8 @@ def read_record(path: str | Path) -> ECGRecord:
     """
     hea = header_path(path)
     header = read_header(hea)
+    fs = float(header.record.fs)
+    check_timing(fs, header.record.sig_len, str(hea))  # before reading: a misread header can mean gigabytes
     files = header.signal_files
     is_mat = [name.lower().endswith(".mat") for name in files]
     if any(is_mat):
@@ -63,6 +65,7 @@ def read_record(path: str | Path) -> ECGRecord:
     signal = (physical * millivolt_factors(header)).T.astype(np.float32)
     leads = tuple(canonical_lead_name(name or f"signal{i}") for i, name in enumerate(header.record.sig_name))
     flags = check_signal(signal, leads, str(hea))
+    check_timing(fs, signal.shape[1], str(hea))
     metadata = {
         "path": str(hea),
         "format": kind,
@@ -73,7 +76,7 @@ def read_record(path: str | Path) -> ECGRecord:
     }
     return ECGRecord(
         signal=signal,
-        fs=float(header.record.fs),
+        fs=fs,
         leads=leads,
         record_id=header.record.record_name,
         patient_id=None,
