@@ -265,3 +265,37 @@ def test_header_with_utf8_bom_is_read(tmp_path: Path) -> None:
     record = read_record(hea)
     assert record.record_id == "bom" and record.fs == FS
     np.testing.assert_array_equal(record.signal, expected.signal)
+
+
+def test_build_with_only_bad_records_writes_nothing_and_fails(corpus, tmp_path: Path) -> None:
+    """Only unusable records: `enecg data prepare` exits non-zero with a summary; no (empty) dataset appears."""
+    from enecg.cli import main
+
+    folder, bad = corpus
+    only_bad = tmp_path / "only_bad"
+    only_bad.mkdir()
+    for hea, _ in bad.values():
+        for path in folder.glob(f"{hea.stem}.*"):
+            (only_bad / path.name).write_bytes(path.read_bytes())
+    out = tmp_path / "ds"
+    code = main(["data", "prepare", "wfdb", "--root", str(only_bad), "--out", str(out), "--workers", "1"])
+    assert code == 2
+    assert not out.exists() and not list(tmp_path.glob(".ds.*"))
+
+
+def test_only_bad_records_error_message(corpus, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from enecg.cli import main
+    from enecg.data.build import NoUsableRecordsError
+
+    folder, bad = corpus
+    hea, _ = bad["2-sample record"]
+    only = tmp_path / "one"
+    only.mkdir()
+    for path in folder.glob(f"{hea.stem}.*"):
+        (only / path.name).write_bytes(path.read_bytes())
+    with pytest.raises(NoUsableRecordsError, match=r"none of the 1 wfdb records is usable \(1 skipped"):
+        prepare_wfdb_folder(only, tmp_path / "ds")
+    assert main(["data", "prepare", "wfdb", "--root", str(only), "--out", str(tmp_path / "ds")]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
+    assert err.startswith("enecg: error: ")
+    assert "nothing written" in err and "record is too short: 2 samples" in err

@@ -415,6 +415,19 @@ def test_cli_evaluate_and_predict_a_saved_model(
     assert "superclass:" in text and "gate" in text
     assert main(["predict", str(tmp_path / "missing.hea"), "--model", str(model), "--device", "cpu"]) == 2
     assert "missing.hea" in capsys.readouterr().err
+    # One bad record among good ones: its own one-line error; the good records are still predicted and printed.
+    bad = tmp_path / "bad.hea"
+    bad.write_text((records[0]).read_text().replace(" 100 ", " 0.01 ", 1))
+    argv = ["predict", str(records[0]), str(bad), str(records[1]), "--model", str(model), "--device", "cpu"]
+    assert main([*argv, "--json"]) == 2
+    captured = capsys.readouterr()
+    predictions = json.loads(captured.out)
+    assert [p.get("record_id") for p in predictions] == ["00001_lr", None, "00002_lr"]
+    assert predictions[1]["path"] == str(bad) and "sampling rate 0.01 Hz is implausible" in predictions[1]["error"]
+    assert f"enecg: error: {bad}: sampling rate 0.01 Hz" in captured.err
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "00001_lr" in captured.out and "00002_lr" in captured.out and f"{bad}: ERROR" in captured.out
 
 
 def test_baselines_and_paired_comparisons(run: SimpleNamespace) -> None:
