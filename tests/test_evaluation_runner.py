@@ -264,7 +264,11 @@ def test_cross_dataset_side_by_side(run: SimpleNamespace) -> None:
     cross = run.evaluation["cross_dataset"]
     in_source = next(k for k in cross if "in-source" in k)
     external = next(k for k in cross if "external" in k)
-    assert set(cross[in_source]) == set(cross[external]) == {"rhythm"}
+    # SCP <-> SNOMED statements (rhythm), and the tasks both sources define alike, paired by name.
+    assert set(cross[in_source]) == set(cross[external]) == {"rhythm", "superclass", "sex", "age"}
+    superclass = {(p["model_label"], p["target_label"]) for p in cross[external]["superclass"]["label_pairs"]}
+    assert superclass == {(n, n) for n in ("NORM", "MI", "STTC", "CD", "HYP")}
+    assert cross[external]["age"]["type"] == "regression" and cross[external]["age"]["metrics"]["n"] > 0
     pairs = {(p["model_label"], p["target_label"]) for p in cross[external]["rhythm"]["label_pairs"]}
     assert {("SR", "NSR"), ("AFIB", "AF"), ("STACH", "STach"), ("SBRAD", "SB"), ("AFLT", "AFL")} <= pairs
     _, cinc_meta = load_dataset_dir(run.cross[0])
@@ -452,3 +456,21 @@ def test_baselines_and_paired_comparisons(run: SimpleNamespace) -> None:
     assert evaluation["baselines"][probe_name("demo_cnn")]["sex"]["metrics"]["per_label"]["female"]["auroc"] > 0.85
     html = (run.report / "report.html").read_text()
     assert "Ensemble vs baselines (paired)" in html and STACKER in html
+
+
+def test_cross_split_all_means_every_record(run: SimpleNamespace, tmp_path: Path) -> None:
+    if not run.cross:
+        pytest.skip("CinC sample not found")
+    evaluation = evaluate_ensemble(
+        run.ensemble,
+        run.root / "ptbxl",
+        out_dir=tmp_path / "report",
+        bootstrap=BOOT,
+        n_examples=0,
+        baselines=False,
+        cross_data=run.cross,
+        cross_split="all",
+    )
+    _, cinc_meta = load_dataset_dir(run.cross[0])
+    plan = evaluation["cross_dataset_plans"][0]
+    assert plan["split"] == "all" and plan["n_records"] == sum(cinc_meta.splits.values())

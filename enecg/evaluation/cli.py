@@ -113,7 +113,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument(
         "--cross-split",
         default=None,
-        help="Part of the --cross-data datasets to use (default: all their records).",
+        help="Part of the --cross-data datasets to use, or 'all' (default: all their records).",
     )
     evaluate.add_argument("--title", default=None, help="Report title.")
     evaluate.add_argument(
