@@ -71,6 +71,8 @@ def test_read_sph_record(release: Path, ptbxl_dir: Path) -> None:
     assert record.record_id == "A00001"
     expected = _ptbxl_signal(ptbxl_dir, 1).astype(np.float16).astype(np.float32)
     np.testing.assert_array_equal(record.signal, expected)
+    # read_record (what `enecg predict` uses) reads .h5 records too.
+    np.testing.assert_array_equal(read_record(release / "records" / "A00001.h5").signal, record.signal)
 
 
 def test_primary_codes() -> None:

@@ -2,7 +2,8 @@
 
 :func:`read_record` reads any single-segment WFDB record (``.hea`` + ``.dat``: PTB-XL, MIT-BIH style, any lead
 set and length) and PhysioNet/CinC Challenge records (``.hea`` + ``.mat`` holding ``val``), choosing the signal
-reader from the files the header names. Signals are float32 ``(leads, samples)`` in mV.
+reader from the files the header names, and SPH records (``.h5``, :mod:`enecg.io.sph`). Signals are float32
+``(leads, samples)`` in mV.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from enecg.record import ECGRecord, RecordError
 __all__ = ["ECGRecord", "RecordError", "WfdbHeader", "header_path", "read_header", "read_record"]
 
 _RECORD_SUFFIXES = (".hea", ".dat", ".mat")
+_HDF5_SUFFIXES = (".h5", ".hdf5")
 
 
 def header_path(path: str | Path) -> Path:
@@ -35,7 +37,8 @@ def read_record(path: str | Path) -> ECGRecord:
     """Read one record.
 
     Args:
-        path: the record's ``.hea`` file, one of its signal files, or its path without extension.
+        path: the record's ``.hea`` file, one of its signal files, or its path without extension; or an SPH
+            ``.h5`` file (read by :func:`enecg.io.sph.read_sph_record`: no header, labels in ``metadata.csv``).
 
     Returns:
         An :class:`ECGRecord` with ``record_id`` = the header's record name, ``patient_id`` None (datasets fill it
@@ -46,6 +49,10 @@ def read_record(path: str | Path) -> ECGRecord:
     Raises:
         RecordError: one line naming the file and the problem.
     """
+    if Path(path).suffix.lower() in _HDF5_SUFFIXES:
+        from enecg.io.sph import read_sph_record
+
+        return read_sph_record(path)
     hea = header_path(path)
     header = read_header(hea)
     fs = float(header.record.fs)
