@@ -139,7 +139,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict = subparsers.add_parser(
         "predict",
         help="Predict every task for ECG records, with each expert's prediction and the gate's weights.",
-        description="Read WFDB/CinC records (.hea + .dat/.mat) and print the ensemble's predictions, explained.",
+        description="Read WFDB/CinC records (.hea + .dat/.mat) or SPH .h5 records and print the ensemble's "
+        "predictions, explained; a record that cannot be read or predicted gets one error line, the others are "
+        "still predicted (exit status 2 when any failed).",
     )
     predict.add_argument(
         "records", nargs="+", metavar="RECORD", help="Record header (.hea) or path without suffix."
