@@ -106,6 +106,23 @@ def _corpus(folder: Path) -> dict[str, tuple[Path, str]]:
     hea.write_text("\n".join([" ".join(tokens), *lines[1:]]) + "\n")
     bad["non-numeric sampling rate"] = (hea, "sampling frequency 'fast'")
 
+    for case, rate, fragment in (
+        ("0.01 Hz sampling rate", "0.01", "sampling rate 0.01 Hz is implausible"),
+        ("1e9 Hz sampling rate", "1e9", "sampling rate 1e+09 Hz is implausible"),
+    ):
+        hea = _write_dat(folder, f"rate{len(bad)}")
+        lines = hea.read_text().splitlines()
+        tokens = lines[0].split()
+        tokens[2] = rate
+        hea.write_text("\n".join([" ".join(tokens), *lines[1:]]) + "\n")
+        bad[case] = (hea, fragment)
+
+    bad["2-sample record"] = (_write_dat(folder, "twosamples", _signal(9)[:2]), "record is too short: 2 samples")
+
+    hea = _write_mat(folder, "complexmat", (_signal(10).T * 1000).astype(np.int16))
+    scipy.io.savemat(str(folder / "complexmat.mat"), {"val": _signal(10).T * 1000 + 1j}, format="4")
+    bad["complex .mat"] = (hea, "complex-valued")
+
     signal = _signal(6)
     signal[:, 2] = 0.25
     _write_dat(folder, "flatlead", signal)
@@ -129,6 +146,10 @@ CASES = [
     "non-UTF-8 header",
     "missing .mat",
     "non-numeric sampling rate",
+    "0.01 Hz sampling rate",
+    "1e9 Hz sampling rate",
+    "2-sample record",
+    "complex .mat",
 ]
 
 
@@ -199,3 +220,82 @@ def test_build_skips_bad_records_and_reports_them(
     assert rows["wfdb:good0"]["signal"].shape == (3, N)
     assert rows["wfdb:goodmat"]["age"] == 50 and rows["wfdb:goodmat"]["sex"] == 0
     assert math.isnan(rows["wfdb:good0"]["age"])
+
+
+def _with_record_line(hea: Path, fs_token: str) -> None:
+    lines = hea.read_text().splitlines()
+    tokens = lines[0].split()
+    tokens[2] = fs_token
+    hea.write_text("\n".join([" ".join(tokens), *lines[1:]]) + "\n")
+
+
+@pytest.mark.parametrize("token, fs", [("2.5e2", 250.0), ("2.5E+2", 250.0), ("25000e-2", 250.0)])
+def test_sampling_rate_in_scientific_notation_is_read_exactly(tmp_path: Path, token: str, fs: float) -> None:
+    hea = _write_dat(tmp_path, "sci")
+    _with_record_line(hea, token)
+    record = read_record(hea)
+    assert record.fs == fs and record.signal.shape == (3, N)
+
+
+def test_rate_read_wrongly_would_be_refused(tmp_path: Path) -> None:
+    """3.6e2 with 1000 samples: 360 Hz (2.8 s), never 3.6 Hz; the exponent of a bad rate is named in full."""
+    hea = _write_dat(tmp_path, "sci")
+    _with_record_line(hea, "3.6e2")
+    assert read_record(hea).fs == 360.0
+    _with_record_line(hea, "3.6e5")
+    with pytest.raises(RecordError, match="sampling rate 360000 Hz is implausible"):
+        read_record(hea)
+
+
+def test_too_long_record_is_refused_before_reading(tmp_path: Path) -> None:
+    """A header declaring > 24 h is refused from the header alone (the signal file is never read)."""
+    hea = _write_dat(tmp_path, "long")
+    lines = hea.read_text().splitlines()
+    tokens = lines[0].split()
+    tokens[3] = str(250 * 3600 * 25)
+    hea.write_text("\n".join([" ".join(tokens), *lines[1:]]) + "\n")
+    with pytest.raises(RecordError, match=r"record is too long: .* = 25 h"):
+        read_record(hea)
+
+
+def test_header_with_utf8_bom_is_read(tmp_path: Path) -> None:
+    hea = _write_dat(tmp_path, "bom")
+    expected = read_record(hea)
+    hea.write_bytes(b"\xef\xbb\xbf" + hea.read_bytes())
+    record = read_record(hea)
+    assert record.record_id == "bom" and record.fs == FS
+    np.testing.assert_array_equal(record.signal, expected.signal)
+
+
+def test_build_with_only_bad_records_writes_nothing_and_fails(corpus, tmp_path: Path) -> None:
+    """Only unusable records: `enecg data prepare` exits non-zero with a summary; no (empty) dataset appears."""
+    from enecg.cli import main
+
+    folder, bad = corpus
+    only_bad = tmp_path / "only_bad"
+    only_bad.mkdir()
+    for hea, _ in bad.values():
+        for path in folder.glob(f"{hea.stem}.*"):
+            (only_bad / path.name).write_bytes(path.read_bytes())
+    out = tmp_path / "ds"
+    code = main(["data", "prepare", "wfdb", "--root", str(only_bad), "--out", str(out), "--workers", "1"])
+    assert code == 2
+    assert not out.exists() and not list(tmp_path.glob(".ds.*"))
+
+
+def test_only_bad_records_error_message(corpus, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from enecg.cli import main
+    from enecg.data.build import NoUsableRecordsError
+
+    folder, bad = corpus
+    hea, _ = bad["2-sample record"]
+    only = tmp_path / "one"
+    only.mkdir()
+    for path in folder.glob(f"{hea.stem}.*"):
+        (only / path.name).write_bytes(path.read_bytes())
+    with pytest.raises(NoUsableRecordsError, match=r"none of the 1 wfdb records is usable \(1 skipped"):
+        prepare_wfdb_folder(only, tmp_path / "ds")
+    assert main(["data", "prepare", "wfdb", "--root", str(only), "--out", str(tmp_path / "ds")]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
+    assert err.startswith("enecg: error: ")
+    assert "nothing written" in err and "record is too short: 2 samples" in err

@@ -193,3 +193,64 @@ def test_prepared_cinc_sample_carries_the_shared_classes(
     }
     assert positives == {"SR": 45, "AFIB": 4, "AFLT": 7, "STACH": 30, "SBRAD": 29, "SARRH": 6, "PACE": 2}
     assert [c.name for c in CINC2021_SCORED] == meta.task("dx").names
+
+
+def test_shared_tasks_pair_by_name(ptbxl_meta: DatasetMeta) -> None:
+    """superclass (CinC: derived from SNOMED CT codes), sex and age pair by name under the ptbxl-cinc map."""
+    from enecg.data.cinc import SUPERCLASS_TASK
+    from enecg.data.targets import AGE_TASK, SEX_TASK
+
+    cinc = DatasetMeta(
+        source="cinc",
+        tasks=[dx_task(parse_classes("cinc2021"), "cinc2021"), SUPERCLASS_TASK, AGE_TASK, SEX_TASK],
+        options={"classes": "cinc2021"},
+    )
+    plan = plan_cross_dataset(ptbxl_meta, cinc, "ptbxl-cinc")
+    assert pairs(plan, "superclass") == {n: n for n in ("NORM", "MI", "STTC", "CD", "HYP")}
+    assert pairs(plan, "sex") == {"female": "female"} and pairs(plan, "age") == {"age": "age"}
+    assert next(m for m in plan.matches if m.key == "age").task_type == "regression"
+    # The SCP <-> SNOMED statement matches are still there (superclass NORM/MI also against dx, where they map).
+    assert {"rhythm", "form", "subclass"} <= {m.key for m in plan.matches}
+    # And the other direction, and with the identity map (age included).
+    back = plan_cross_dataset(cinc, ptbxl_meta, "ptbxl-cinc", ["superclass", "sex", "age"])
+    assert {m.key for m in back.matches} == {"superclass", "sex", "age"}
+    identity = plan_cross_dataset(ptbxl_meta, ptbxl_meta, "identity", ["sex", "age"])
+    assert {m.key for m in identity.matches} == {"sex", "age"}
+
+
+def test_evaluate_age_and_sex_across_datasets(ptbxl_meta: DatasetMeta) -> None:
+    from enecg.data.targets import AGE_TASK, SEX_TASK
+
+    target = DatasetMeta(source="wfdb", tasks=[AGE_TASK, SEX_TASK])
+    plan = plan_cross_dataset(ptbxl_meta, target, "ptbxl-cinc", ["age", "sex"])
+    rng = np.random.default_rng(1)
+    age_true = rng.uniform(20, 90, 40)
+    age_true[5] = np.nan
+    sex_true = (rng.random(40) < 0.5).astype(float)
+    results = evaluate_cross_dataset(
+        plan,
+        target_true={"age": age_true, "sex": sex_true},
+        target_pred={"age": age_true + rng.normal(0, 5, 40), "sex": np.clip(sex_true * 0.6 + 0.2, 0, 1)},
+        target_groups=None,
+        bootstrap=BootstrapConfig(n_resamples=10),
+        target_name="tgt",
+    )
+    assert results["tgt"]["age"]["type"] == "regression"
+    assert results["tgt"]["age"]["metrics"]["mae"] < 10
+    assert results["tgt"]["sex"]["metrics"]["per_label"]["female"]["auroc"] == 1.0
+
+
+def test_cinc_sample_superclass_pairs_with_ptbxl_superclass(
+    ptbxl_meta: DatasetMeta, cinc_dir: Path, tmp_path: Path
+) -> None:
+    """On the real CinC sample: a PTB-XL superclass model finds the CinC superclass labels, with positives."""
+    prepare_cinc(cinc_dir, tmp_path / "cinc", CincOptions())
+    dataset, meta = load_dataset_dir(tmp_path / "cinc")
+    plan = plan_cross_dataset(ptbxl_meta, meta, "ptbxl-cinc", ["superclass", "sex", "age"])
+    keys = {m.key: m for m in plan.matches}
+    assert {"superclass", "sex", "age"} <= set(keys)
+    match = keys["superclass"]
+    labels = np.concatenate([np.asarray(dataset[part]["superclass"], dtype=float) for part in dataset])
+    positives = {p.model_label: int(np.nansum(labels[:, j])) for p, j in zip(match.pairs, match.target_index)}
+    assert positives["NORM"] == 0  # no Challenge code means "normal ECG"
+    assert all(positives[name] > 0 for name in ("MI", "STTC", "CD", "HYP")), positives

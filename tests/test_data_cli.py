@@ -19,6 +19,7 @@ from enecg.data.build import load_dataset_dir
         ["data", "prepare"],
         ["data", "prepare", "ptbxl"],
         ["data", "prepare", "cinc"],
+        ["data", "prepare", "sph"],
         ["data", "prepare", "wfdb"],
         ["data", "describe"],
     ],

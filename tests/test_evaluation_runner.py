@@ -264,7 +264,11 @@ def test_cross_dataset_side_by_side(run: SimpleNamespace) -> None:
     cross = run.evaluation["cross_dataset"]
     in_source = next(k for k in cross if "in-source" in k)
     external = next(k for k in cross if "external" in k)
-    assert set(cross[in_source]) == set(cross[external]) == {"rhythm"}
+    # SCP <-> SNOMED statements (rhythm), and the tasks both sources define alike, paired by name.
+    assert set(cross[in_source]) == set(cross[external]) == {"rhythm", "superclass", "sex", "age"}
+    superclass = {(p["model_label"], p["target_label"]) for p in cross[external]["superclass"]["label_pairs"]}
+    assert superclass == {(n, n) for n in ("NORM", "MI", "STTC", "CD", "HYP")}
+    assert cross[external]["age"]["type"] == "regression" and cross[external]["age"]["metrics"]["n"] > 0
     pairs = {(p["model_label"], p["target_label"]) for p in cross[external]["rhythm"]["label_pairs"]}
     assert {("SR", "NSR"), ("AFIB", "AF"), ("STACH", "STach"), ("SBRAD", "SB"), ("AFLT", "AFL")} <= pairs
     _, cinc_meta = load_dataset_dir(run.cross[0])
@@ -415,6 +419,19 @@ def test_cli_evaluate_and_predict_a_saved_model(
     assert "superclass:" in text and "gate" in text
     assert main(["predict", str(tmp_path / "missing.hea"), "--model", str(model), "--device", "cpu"]) == 2
     assert "missing.hea" in capsys.readouterr().err
+    # One bad record among good ones: its own one-line error; the good records are still predicted and printed.
+    bad = tmp_path / "bad.hea"
+    bad.write_text((records[0]).read_text().replace(" 100 ", " 0.01 ", 1))
+    argv = ["predict", str(records[0]), str(bad), str(records[1]), "--model", str(model), "--device", "cpu"]
+    assert main([*argv, "--json"]) == 2
+    captured = capsys.readouterr()
+    predictions = json.loads(captured.out)
+    assert [p.get("record_id") for p in predictions] == ["00001_lr", None, "00002_lr"]
+    assert predictions[1]["path"] == str(bad) and "sampling rate 0.01 Hz is implausible" in predictions[1]["error"]
+    assert f"enecg: error: {bad}: sampling rate 0.01 Hz" in captured.err
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "00001_lr" in captured.out and "00002_lr" in captured.out and f"{bad}: ERROR" in captured.out
 
 
 def test_baselines_and_paired_comparisons(run: SimpleNamespace) -> None:
@@ -439,3 +456,21 @@ def test_baselines_and_paired_comparisons(run: SimpleNamespace) -> None:
     assert evaluation["baselines"][probe_name("demo_cnn")]["sex"]["metrics"]["per_label"]["female"]["auroc"] > 0.85
     html = (run.report / "report.html").read_text()
     assert "Ensemble vs baselines (paired)" in html and STACKER in html
+
+
+def test_cross_split_all_means_every_record(run: SimpleNamespace, tmp_path: Path) -> None:
+    if not run.cross:
+        pytest.skip("CinC sample not found")
+    evaluation = evaluate_ensemble(
+        run.ensemble,
+        run.root / "ptbxl",
+        out_dir=tmp_path / "report",
+        bootstrap=BOOT,
+        n_examples=0,
+        baselines=False,
+        cross_data=run.cross,
+        cross_split="all",
+    )
+    _, cinc_meta = load_dataset_dir(run.cross[0])
+    plan = evaluation["cross_dataset_plans"][0]
+    assert plan["split"] == "all" and plan["n_records"] == sum(cinc_meta.splits.values())

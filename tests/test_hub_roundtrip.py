@@ -187,12 +187,13 @@ def published(
         model.decision_thresholds = THRESHOLDS
 
         out_dir = tmp / "run" / "model"
-        for private in PRIVATE_FILES:  # what training leaves next to the model: must never be pushed
+        model.save_pretrained(out_dir)  # a save replaces the whole folder: the private files come afterwards
+        for private in PRIVATE_FILES:  # what training may leave next to the model: must never be pushed
             (out_dir / private).parent.mkdir(parents=True, exist_ok=True)
             (out_dir / private).write_bytes(b"private state")
         record_path = str(ptbxl_dir / "records100/00000/00001_lr")
         context = ensemble_card_context(model, "placeholder/name", example_record=record_path)
-        result = model.push_to_hub(ENSEMBLE_REPO, token=TOKEN, directory=out_dir, card_context=context)
+        result = push_ensemble(out_dir, ENSEMBLE_REPO, token=TOKEN, card_context=context)
         assert result is not None
         yield SimpleNamespace(
             model=model,

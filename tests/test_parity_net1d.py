@@ -1,9 +1,11 @@
 """Parity of the native Net1D (ECGFounder) port with the official model, on every fixture variant.
 
 Every subfolder of ``<parity>/ecgfounder`` holding a ``fixture_meta.json`` is a variant (``tiny_a`` here; held-out
-variants with other widths/depths/kernels/leads use the same layout). Each is loaded from its files alone: the
-config is inferred from the checkpoint's tensor shapes, never read from ``fixture_meta.json`` (used only to
-cross-check). Full-size manifests (``keys_full_*.json``) are checked on the meta device.
+variants with other widths/depths/kernels/strides/leads use the same layout). Each is built from its own declared
+config, the official constructor kwargs in ``fixture_meta.json`` -> ``constructor_kwargs`` (as the fixture README
+says): ``stride``, ``use_bn`` and ``use_do`` leave no trace in the weights, so only a declared config can give
+them. The config inferred from the checkpoint's tensor shapes is checked against the declared one for everything
+else. Full-size manifests (``keys_full_*.json``) are checked on the meta device.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import pytest
 import torch
 from conftest import parity_dir
 
-from enecg.experts.families.net1d import Net1DConfig, infer_net1d_config
+from enecg.experts import load_expert
+from enecg.experts.families.net1d import NON_INFERABLE, Net1DConfig, infer_net1d_config
 from enecg.experts.family import get_family
+from enecg.experts.spec import Spec
 from enecg.experts.weights import WeightsError, load_state_dict_strict
 
 FIXTURE_DIR = parity_dir() / "ecgfounder"
@@ -61,11 +65,19 @@ def _architecture(config: dict[str, Any]) -> dict[str, Any]:
     return reduced
 
 
+def _declared(folder: Path) -> dict[str, Any]:
+    """The variant's official constructor kwargs (without the ones that only change what forward returns)."""
+    kwargs = _meta(folder)["constructor_kwargs"]
+    return {k: v for k, v in kwargs.items() if k not in ("verbose", "return_features")}
+
+
 def _load(folder: Path) -> tuple[torch.nn.Module, dict[str, torch.Tensor], dict[str, Any]]:
+    """The variant built from its declared config, its checkpoint loaded strictly."""
     family = get_family("net1d")
     weights = family.detect(folder)
     assert weights is not None, f"{folder}: published Net1D layout not detected"
-    state_dict, config = family.read_checkpoint(weights)
+    state_dict, _ = family.read_checkpoint(weights)
+    config = Net1DConfig.from_dict(_declared(folder)).to_dict()
     model = family.build(config)
     load_state_dict_strict(model, state_dict, source=str(weights))
     return model.eval(), state_dict, config
@@ -100,13 +112,15 @@ def test_outputs_match_official(folder: Path, family) -> None:
 
 @pytest.mark.parametrize("folder", _variants())
 def test_inferred_config_and_keys_match_official(folder: Path, family) -> None:
-    model, _, config = _load(folder)
+    model, state_dict, config = _load(folder)
     meta = _meta(folder)
-    official = {
-        k: v for k, v in meta["constructor_kwargs"].items() if k not in ("verbose", "return_features")
-    }
+    official = _declared(folder)
+    # What the shapes tell must agree with the declaration; what they cannot tell comes from it (as a spec's
+    # `config:` entries override the checkpoint's inferred config).
+    inferred = infer_net1d_config(state_dict, folder).to_dict()
+    inferred.update({k: official[k] for k in NON_INFERABLE if k in official})
     # ratio / groups_width only matter through int(filters * ratio) and filters // groups_width: compare those.
-    assert _architecture(config) == _architecture(official)
+    assert _architecture(inferred) == _architecture(official) == _architecture(config)
     assert _key_list(model) == meta["keys"]
     assert sum(p.numel() for p in model.parameters()) == meta["num_parameters"]
 
@@ -117,6 +131,7 @@ def test_state_dict_round_trip_is_bit_identical(folder: Path, family, tmp_path: 
     # Unused BatchNorm state must survive: the fixture randomised it, so zeros/ones would show a silent drop.
     assert any(k.endswith("running_mean") and original[k].abs().sum() > 0 for k in original)
     torch.save({"state_dict": model.state_dict()}, tmp_path / "checkpoint.pth")
+    (tmp_path / "fixture_meta.json").write_text((folder / "fixture_meta.json").read_text())  # the declared config
     reloaded, state_dict, _ = _load(tmp_path)
     assert list(state_dict) == list(original)
     for key, value in reloaded.state_dict().items():
@@ -131,7 +146,9 @@ def test_data_parallel_prefix_and_extra_entries_are_accepted(folder: Path, famil
         {"state_dict": wrapped, "epoch": 3, "optimizer": {"state": {}, "lr": 1e-3}}, tmp_path / "ckpt.pth"
     )
     state_dict, inferred = family.read_checkpoint(tmp_path / "ckpt.pth")
-    assert list(state_dict) == list(original) and inferred == config
+    inferred.update({k: config[k] for k in NON_INFERABLE})  # what a spec's `config:` would set
+    assert list(state_dict) == list(original)
+    assert _architecture(inferred) == _architecture(config)
 
 
 def test_detect_ignores_other_pickles_and_refuses_ambiguity(family, tmp_path: Path) -> None:
@@ -247,3 +264,51 @@ def test_config_inference_recovers_other_architectures(
     assert _architecture(inferred) == _architecture(full)
     with torch.device("meta"):
         assert _key_list(family.build(inferred)) == _key_list(reference)
+
+
+def test_non_default_stride_is_set_in_the_spec(family, tmp_path: Path) -> None:
+    """stride leaves no trace in the weights: a stride-4 model loads right only with `config: {stride: 4}`."""
+    config = {
+        "in_channels": 2,
+        "base_filters": 8,
+        "filter_list": [8, 16],
+        "m_blocks_list": [1, 2],
+        "kernel_size": 5,
+        "stride": 4,
+        "groups_width": 4,
+        "n_classes": 3,
+    }
+    torch.manual_seed(0)
+    reference = family.build(config).eval()
+    folder = tmp_path / "net1d-stride4"
+    folder.mkdir()
+    torch.save({"state_dict": reference.state_dict()}, folder / "model.pth")
+    x = torch.randn(2, 2, 400)
+    with torch.no_grad():
+        expected = family.embed(reference, x)
+
+    def spec(overrides: dict[str, Any]) -> Spec:
+        return Spec.from_dict(
+            {
+                "name": "net1d-stride4",
+                "family": "net1d",
+                "hub_id": "enecg-test/net1d-stride4",
+                "weights_file": "model.pth",
+                "license": "mit",
+                "config_from": "checkpoint",
+                "config": overrides,
+                "embedding_dim": 16,
+                "contract": {"fs": 100, "leads": ["I", "II"], "length": 400},
+            },
+            source="stride test spec",
+        )
+
+    expert = load_expert(folder, spec=spec({"stride": 4}))
+    assert expert.config["stride"] == 4
+    with torch.no_grad():
+        assert torch.equal(family.embed(expert.model, x), expected)
+    # Without it the shapes alone give the published stride 2: same weights, other outputs.
+    assumed = load_expert(folder, spec=spec({}))
+    assert assumed.config["stride"] == 2
+    with torch.no_grad():
+        assert not torch.allclose(family.embed(assumed.model, x), expected)

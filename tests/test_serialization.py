@@ -371,14 +371,82 @@ def test_saving_is_atomic(expert_dirs, sample, tmp_path: Path, monkeypatch: pyte
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left behind
     assert_identical(outputs(Ensemble.from_pretrained(folder), records), before)
 
-    # Saving over it: new weights, other files kept, stale thresholds gone.
+    # Saving over it replaces the folder as a whole: new weights; the old model's thresholds, plots and card
+    # data (card_context.json, which `enecg push` would publish) are gone.
+    (folder / "card_context.json").write_text('{"evaluations": "of the previous run"}')
     model.decision_thresholds = {}
     model.save_pretrained(folder)
-    assert (folder / "plots" / "roc.png").read_bytes() == b"png"
-    assert not (folder / "thresholds.json").exists()
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "adapters", "config.json", "model.safetensors"]
     reloaded = Ensemble.from_pretrained(folder)
     assert_identical(outputs(reloaded, records), after)
     assert reloaded.decision_thresholds == {}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_save_killed_during_the_final_moves(
+    expert_dirs, sample, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A save that dies while moving folders leaves the old model loadable; the next save cleans up."""
+    model = build_trained(expert_dirs, sample)
+    records = sample[0][:4]
+    folder = model.save_pretrained(tmp_path / "model")
+    before = outputs(model, records)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05)
+    after = outputs(model, records)
+
+    # 1. The atomic swap fails (e.g. killed): the old model stays, the staging folder is removed.
+    def failing_exchange(a: Path, b: Path) -> bool:
+        raise OSError("killed")
+
+    monkeypatch.setattr(serialization, "_exchange", failing_exchange)
+    with pytest.raises(OSError, match="killed"):
+        model.save_pretrained(folder)
+    assert_identical(outputs(Ensemble.from_pretrained(folder), records), before)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+    # 2. Without an atomic swap: the second rename (new folder into place) fails -> the old one is put back.
+    monkeypatch.setattr(serialization, "_exchange", lambda a, b: False)
+    real_rename = serialization._rename
+
+    def rename_failing_into_place(src, dst):
+        if Path(src).name.startswith(".model.saving-"):
+            raise OSError("killed between the moves")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(serialization, "_rename", rename_failing_into_place)
+    with pytest.raises(OSError, match="killed between the moves"):
+        model.save_pretrained(folder)
+    assert_identical(outputs(Ensemble.from_pretrained(folder), records), before)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    monkeypatch.setattr(serialization, "_rename", real_rename)
+
+    # 3. A real kill between the two renames (no chance to put the old one back): the old save waits in
+    # .model.old-*, a staging folder is left; the next save restores/cleans and replaces the model.
+    real_rename(folder, tmp_path / ".model.old-deadbeef")
+    (tmp_path / ".model.saving-abc123").mkdir()
+    model.save_pretrained(folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["experts", "model"]
+    assert_identical(outputs(Ensemble.from_pretrained(folder), records), after)
+
+    # The swap path (where the filesystem has it) also leaves nothing behind.
+    monkeypatch.undo()
+    model.save_pretrained(folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["experts", "model"]
+    assert_identical(outputs(Ensemble.from_pretrained(folder), records), after)
+
+
+def test_a_folder_that_is_not_a_model_is_not_replaced(expert_dirs, sample, tmp_path: Path) -> None:
+    model = build_trained(expert_dirs, sample)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a saved ensemble"):
+        model.save_pretrained(tmp_path / "notes")
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+    (tmp_path / "empty").mkdir()
+    assert (model.save_pretrained(tmp_path / "empty") / "config.json").is_file()
 
 
 def test_frozen_trainable_parts_are_refused(expert_dirs, sample, tmp_path: Path) -> None:

@@ -5,7 +5,8 @@ part, labels known from tables); :func:`build_dataset` then reads the records in
 ``datasets.DatasetDict`` + ``enecg_dataset.json`` described in :mod:`enecg.data.schema`, and
 
 * skips records that fail to read (:class:`~enecg.record.RecordError`), logging why and listing them in
-  ``meta.skipped``; the rest of the build goes on;
+  ``meta.skipped``; the rest of the build goes on; when no record at all is usable nothing is written and
+  :class:`NoUsableRecordsError` says so (never an empty dataset);
 * reuses an existing folder when its ``cache_key`` (options + input files' names, sizes and mtimes) matches;
 * writes atomically: everything is built in a hidden folder beside the target which is renamed into place only
   when complete, so an interrupted build never leaves a folder that :func:`load_dataset_dir` accepts (and a failed
@@ -48,6 +49,10 @@ logger = logging.getLogger(__name__)
 BUILDER_VERSION = 1
 _SIGNAL_SUFFIXES = (".dat", ".mat")
 _List = getattr(datasets, "List", None) or datasets.Sequence  # datasets >= 4 has List; Sequence before
+
+
+class NoUsableRecordsError(RuntimeError):
+    """Every record of a build was skipped: no dataset is written (an existing one is left as it was)."""
 
 
 @dataclass
@@ -253,9 +258,16 @@ def build_dataset(
             logger.warning("skipped %s: %s: %s", entry["record"], entry["path"], entry["reason"])
         for record_id, note in hr_notes:
             logger.info("heart_rate NaN for %s: %s", record_id, note)
-        if skipped:
+        if skipped and any(len(ds) for ds in parts.values()):
             logger.warning(
                 "%d of %d records skipped (listed in %s 'skipped')", len(skipped), len(plan.jobs), META_FILE
+            )
+        if plan.jobs and not any(len(ds) for ds in parts.values()):
+            first = skipped[len(plan.skipped)] if len(skipped) > len(plan.skipped) else None
+            example = f"; first: {first['path']}: {first['reason']}" if first else ""
+            raise NoUsableRecordsError(
+                f"{out}: nothing written, none of the {len(plan.jobs)} {plan.source} records is usable "
+                f"({len(skipped) - len(plan.skipped)} skipped, reasons logged above){example}"
             )
         meta = DatasetMeta(
             source=plan.source,

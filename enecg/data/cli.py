@@ -1,4 +1,4 @@
-"""``enecg data``: ``prepare {ptbxl,cinc,wfdb,synthetic}`` builds a dataset folder, ``describe`` summarises one,
+"""``enecg data``: ``prepare {ptbxl,cinc,sph,wfdb,synthetic}`` builds a dataset folder, ``describe`` summarises one,
 ``download ptbxl`` fetches PTB-XL from PhysioNet."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import json
 from enecg.data.cinc import CINC_TASKS, CLASS_PRESETS, CincOptions, prepare_cinc
 from enecg.data.describe import describe_dataset, format_description
 from enecg.data.ptbxl import PTBXL_TASKS, PtbxlOptions, prepare_ptbxl
+from enecg.data.sph import SPH_TASKS, SphOptions, prepare_sph
 from enecg.data.synthetic import SYNTHETIC_TASKS, SyntheticOptions, prepare_synthetic
 from enecg.data.wfdb_folder import WFDB_TASKS, WfdbFolderOptions, prepare_wfdb_folder
 
@@ -103,6 +104,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     cinc.add_argument("--ptbxl-root", help="PTB-XL folder: drop HR* records that copy its records.")
     cinc.set_defaults(func=_prepare_cinc)
+
+    sph = sources.add_parser(
+        "sph",
+        help="Shandong Provincial Hospital (SPH) release: records/*.h5 + metadata.csv (AHA statements).",
+        description="Build an SPH dataset: primary AHA/ACC/HRS statements from metadata.csv, age, sex; seeded "
+        "split by Patient_ID.",
+    )
+    _add_common(sph)
+    _add_random_split(sph)
+    sph.add_argument(
+        "--classes", default=None, help="Comma list of primary AHA codes (default: all in metadata.csv)."
+    )
+    sph.add_argument("--tasks", type=_tasks, default=SPH_TASKS, help=f"Comma list of {','.join(SPH_TASKS)}.")
+    sph.set_defaults(func=_prepare_sph)
 
     wfdb = sources.add_parser(
         "wfdb",
@@ -227,6 +242,22 @@ def _prepare_cinc(args: argparse.Namespace) -> int:
         limit=args.limit,
     )
     _, meta = prepare_cinc(args.root, args.out, options, workers=args.workers, force=args.force)
+    _report(meta)
+    return 0
+
+
+def _prepare_sph(args: argparse.Namespace) -> int:
+    options = SphOptions(
+        seed=args.seed,
+        validation_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        kfold=args.kfold,
+        classes=args.classes,
+        tasks=args.tasks,
+        hr_target=args.hr_target,
+        limit=args.limit,
+    )
+    _, meta = prepare_sph(args.root, args.out, options, workers=args.workers, force=args.force)
     _report(meta)
     return 0
 

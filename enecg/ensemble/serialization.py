@@ -25,23 +25,30 @@ Experts loaded from local folders have no Hub identity: their folder path is rec
 re-loads where that path exists (or with ``expert_overrides``). Portable ensembles use experts from the Hub,
 including in-house experts pushed there (:mod:`enecg.experts.inhouse`).
 
-Writes are atomic: everything is written into a temporary folder next to the target, which is then renamed into
-place (new target) or whose files replace the old ones with ``config.json`` removed first and written last (an
-existing target, which may hold other files such as plots): an interrupted save never leaves a folder that loads
-half-old, half-new weights.
+Writes are atomic: everything is written into a temporary folder next to the target (``.NAME.saving-*``), which
+then replaces the target as a whole: a rename for a new target, an atomic swap of the two folders for an existing
+one (Linux ``renameat2(RENAME_EXCHANGE)``; elsewhere the old folder is moved aside, the new one moved in, and the
+old one put back on failure). Nothing of an older save survives a new one (no stale ``card_context.json``,
+thresholds or plots of the previous model), an interrupted save leaves the previous model loadable, and the next
+save of the same folder removes what a killed save left behind (restoring a model moved aside). A folder that is
+not a saved ensemble (no ``config.json``) and not empty is never replaced.
 """
 
 from __future__ import annotations
 
 import copy
+import ctypes
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -134,6 +141,8 @@ def save_pretrained(
     card_text = _card_text(card, config, repo_id or directory.name, thresholds)
 
     directory.parent.mkdir(parents=True, exist_ok=True)
+    _recover_interrupted_save(directory)
+    _check_replaceable(directory)
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.saving-"))
     try:
         os.chmod(staging, 0o755)  # mkdtemp makes 0700; a saved model is an ordinary shareable folder
@@ -279,28 +288,79 @@ def _card_text(
     )
 
 
-def _move_into_place(staging: Path, directory: Path) -> None:
-    """Make ``staging``'s files the content of ``directory`` (see the module docstring)."""
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # a libc without renameat2 (glibc < 2.28, musl)
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):  # a filesystem without it
+        return False
+    raise OSError(err, f"cannot swap {a} and {b}: {os.strerror(err)}")
+
+
+# The rename used to move folders into place (a seam for tests that simulate a save killed between steps).
+_rename = os.replace
+
+
+def _check_replaceable(directory: Path) -> None:
+    """Refuse to replace something that is not a saved ensemble (a save replaces the whole folder)."""
     if not directory.exists():
-        os.replace(staging, directory)  # one rename: the folder appears complete or not at all
         return
     if not directory.is_dir():
         raise NotADirectoryError(f"{directory}: exists and is not a folder")
-    # Without config.json the folder does not load: remove it first, put it back last.
-    (directory / CONFIG_FILE).unlink(missing_ok=True)
-    for name in (WEIGHTS_FILE, THRESHOLDS_FILE, CARD_FILE):
-        if (staging / name).exists():
-            os.replace(staging / name, directory / name)
-        else:
-            (directory / name).unlink(missing_ok=True)  # stale thresholds must not apply to the new model
-    old_adapters = directory / ADAPTERS_DIR
-    if old_adapters.exists():
-        trash = Path(tempfile.mkdtemp(dir=directory, prefix=".old-adapters-"))
-        os.replace(old_adapters, trash / ADAPTERS_DIR)
-        shutil.rmtree(trash, ignore_errors=True)
-    if (staging / ADAPTERS_DIR).exists():
-        os.replace(staging / ADAPTERS_DIR, old_adapters)
-    os.replace(staging / CONFIG_FILE, directory / CONFIG_FILE)
+    if not (directory / CONFIG_FILE).is_file() and any(directory.iterdir()):
+        raise FileExistsError(
+            f"{directory}: exists and is not a saved ensemble (no {CONFIG_FILE}); refusing to replace it"
+        )
+
+
+def _recover_interrupted_save(directory: Path) -> None:
+    """Undo what a killed save left: put back a model moved aside (``.NAME.old-*``) when ``directory`` is gone,
+    and remove every other leftover (``.NAME.saving-*``, ``.NAME.old-*``)."""
+    if not directory.parent.is_dir():
+        return
+    if not directory.exists():
+        moved_aside = sorted(
+            (p for p in directory.parent.glob(f".{directory.name}.old-*") if (p / CONFIG_FILE).is_file()),
+            key=lambda p: p.stat().st_mtime_ns,
+        )
+        if moved_aside:
+            logger.warning("%s: restoring the model an interrupted save had moved aside", directory)
+            _rename(moved_aside[-1], directory)
+    for pattern in (f".{directory.name}.saving-*", f".{directory.name}.old-*"):
+        for leftover in directory.parent.glob(pattern):
+            logger.info("removing leftover of an interrupted save: %s", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _move_into_place(staging: Path, directory: Path) -> None:
+    """Make the complete ``staging`` folder ``directory``, replacing an older save as a whole (see the module
+    docstring): at every instant ``directory`` is the old save or the new one, never a mix."""
+    if not directory.exists():
+        _rename(staging, directory)  # one rename: the folder appears complete or not at all
+        return
+    _check_replaceable(directory)
+    if _exchange(staging, directory):  # one step; staging now holds the old save, removed by the caller
+        return
+    # No atomic swap here: move the old save aside, the new one in, and put the old one back on any failure.
+    # Killed between the two renames, the old save waits in .NAME.old-*; the next save of NAME restores it.
+    old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
+    _rename(directory, old)
+    try:
+        _rename(staging, directory)
+    except BaseException:
+        _rename(old, directory)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------------- loading

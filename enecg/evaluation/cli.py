@@ -113,7 +113,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument(
         "--cross-split",
         default=None,
-        help="Part of the --cross-data datasets to use (default: all their records).",
+        help="Part of the --cross-data datasets to use, or 'all' (default: all their records).",
     )
     evaluate.add_argument("--title", default=None, help="Report title.")
     evaluate.add_argument(
@@ -139,7 +139,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict = subparsers.add_parser(
         "predict",
         help="Predict every task for ECG records, with each expert's prediction and the gate's weights.",
-        description="Read WFDB/CinC records (.hea + .dat/.mat) and print the ensemble's predictions, explained.",
+        description="Read WFDB/CinC records (.hea + .dat/.mat) or SPH .h5 records and print the ensemble's "
+        "predictions, explained; a record that cannot be read or predicted gets one error line, the others are "
+        "still predicted (exit status 2 when any failed).",
     )
     predict.add_argument(
         "records", nargs="+", metavar="RECORD", help="Record header (.hea) or path without suffix."
@@ -252,16 +254,66 @@ def _interval(ci: Any) -> str:
     return f" [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
-def run_predict(args: argparse.Namespace) -> int:
-    from enecg.ensemble.prediction import predict_records
+def _predict_each(
+    ensemble: Any, paths: list[str], batch_size: int
+) -> list[tuple[str, Any, str | None]]:
+    """``(path, prediction or None, error line or None)`` per record, in order: a bad record costs only itself.
 
+    Records are read one by one (a :class:`~enecg.record.RecordError` is that record's error) and predicted in
+    batches; when a batch refuses a record (``ValueError``), the records are predicted one at a time so that
+    only the refused ones fail.
+    """
+    from enecg.ensemble.prediction import predict_records
+    from enecg.io import read_record
+    from enecg.record import RecordError
+
+    outcome: dict[int, tuple[Any, str | None]] = {}
+    loaded: list[tuple[int, Any]] = []
+    for i, path in enumerate(paths):
+        try:
+            loaded.append((i, read_record(path)))
+        except RecordError as exc:
+            outcome[i] = (None, str(exc))
+    try:
+        predictions = predict_records(ensemble, [r for _, r in loaded], batch_size=batch_size) if loaded else []
+        outcome.update({i: (p, None) for (i, _), p in zip(loaded, predictions)})
+    except ValueError:
+        for i, record in loaded:
+            try:
+                outcome[i] = (predict_records(ensemble, [record], batch_size=1)[0], None)
+            except ValueError as exc:
+                text = str(exc).replace("\n", " ")
+                outcome[i] = (None, text if isinstance(exc, RecordError) else f"{paths[i]}: {text}")
+    return [(path, *outcome[i]) for i, path in enumerate(paths)]
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """Predict each record; a record that cannot be read or predicted gets one error line (stderr) and the others
+    are still predicted and printed. Exit status 2 when any record failed."""
     ensemble = _load_model(args)
-    results = predict_records(ensemble, args.records, batch_size=args.batch_size)
+    outcomes = _predict_each(ensemble, list(args.records), args.batch_size)
+    failed = [(path, error) for path, _, error in outcomes if error is not None]
+    for _, error in failed:
+        print(f"enecg: error: {error}", file=sys.stderr)
+    if failed:
+        print(
+            f"enecg: {len(failed)} of {len(outcomes)} records failed; the others were predicted", file=sys.stderr
+        )
     if args.json:
-        json.dump([r.to_dict() for r in results], sys.stdout, indent=2)
+        json.dump(
+            [
+                result.to_dict() if error is None else {"path": str(path), "error": error}
+                for path, result, error in outcomes
+            ],
+            sys.stdout,
+            indent=2,
+        )
         print()
-        return 0
-    for path, result in zip(args.records, results):
+        return 2 if failed else 0
+    for path, result, error in outcomes:
+        if error is not None:
+            print(f"{path}: ERROR {error}")
+            continue
         print(f"{result.record_id} ({path})")
         for name, task in result.tasks.items():
             print(
@@ -275,7 +327,7 @@ def run_predict(args: argparse.Namespace) -> int:
             )
             for expert, weight in task.gate_weights.items():
                 print(f"    {expert} (gate {weight:.2f}): {_describe_value(task.experts.get(expert))}")
-    return 0
+    return 2 if failed else 0
 
 
 def _describe_value(value: Any, top: int = 4) -> str:

@@ -4,7 +4,9 @@ A model trained on PTB-XL predicts SCP statements (``rhythm``: SR, AFIB, ...); a
 SNOMED CT classes (``dx``: NSR, AF, ...). :func:`plan_cross_dataset` resolves every label on both sides to a
 *finding* of :mod:`enecg.data.label_maps` and pairs the model's labels with the target dataset's labels of the
 same finding (one target label per finding; a finding split over several target labels is ambiguous and left
-out, with a note). :func:`evaluate_cross_dataset` then evaluates the paired labels on the target records and,
+out, with a note). Tasks that every enecg source defines the same way (:data:`SHARED_TASKS`: the PTB-XL diagnostic
+``superclass``, which the CinC builder derives from SNOMED CT codes with the same names; ``sex``; ``age``) pair by
+name, label for label, whatever the map. :func:`evaluate_cross_dataset` then evaluates the paired labels on the target records and,
 side by side, on the in-source test split restricted to the same labels, so the two rows compare like with like.
 
 Honest external validation: operating-point thresholds and the calibration temperature are fitted on the
@@ -29,6 +31,12 @@ from enecg.evaluation.task_eval import evaluate_task
 # "identity" pairs labels of the same name (two datasets of one label system, e.g. two PTB-XL builds).
 LABEL_MAPS: tuple[str, ...] = ("ptbxl-cinc", "identity")
 MAPPABLE_TYPES = ("multilabel", "binary")
+# Tasks with one definition in every source enecg builds, so a task of the same name, type and label names means
+# the same on both sides: ``superclass`` (PTB-XL's diagnostic superclasses; the CinC builder derives them from
+# the SNOMED CT Dx codes, enecg.data.label_maps.superclass_labels: present when any member code is), ``sex``
+# (enecg.data.targets.SEX_TASK: 0 male, 1 female) and ``age`` (AGE_TASK, years).
+SHARED_TASKS: frozenset[str] = frozenset({"superclass", "sex", "age"})
+_BY_NAME_TYPES = (*MAPPABLE_TYPES, "regression")
 
 
 @dataclass
@@ -55,6 +63,10 @@ class TaskMatch:
     pairs: list[LabelPair] = field(default_factory=list, metadata={"help": "Paired labels."})
     model_index: list[int] = field(default_factory=list, metadata={"help": "Columns of the model's outputs."})
     target_index: list[int] = field(default_factory=list, metadata={"help": "Columns of the target labels."})
+    task_type: str = field(
+        default="multilabel",
+        metadata={"help": "How the pairs are evaluated: 'multilabel' (classification) or 'regression'."},
+    )
 
     @property
     def label_names(self) -> list[str]:
@@ -131,28 +143,36 @@ def plan_cross_dataset(
     """Pair the model's labels (tasks of ``source_meta``, restricted to ``model_tasks``) with ``target_meta``'s.
 
     A finding is used when exactly one label of the target task and one label of the model task stand for it.
-    With the ``identity`` map, labels pair by name within tasks of the same name.
+    With the ``identity`` map, labels pair by name within tasks of the same name; with any map, so do the labels
+    of :data:`SHARED_TASKS` (``superclass``, ``sex``, ``age``) present in both datasets.
     """
+    if label_map not in LABEL_MAPS:
+        raise ValueError(f"unknown label map {label_map!r}; known: {list(LABEL_MAPS)}")
     plan = CrossDatasetPlan(
         label_map=label_map, source=source_meta.source, target=target_name or target_meta.source
     )
     wanted = set(model_tasks) if model_tasks is not None else None
     target_tasks = [t for t in target_meta.tasks if t.type in MAPPABLE_TYPES]
     for task in source_meta.tasks:
-        if (wanted is not None and task.name not in wanted) or task.type not in MAPPABLE_TYPES:
-            continue
-        model_found = label_findings(source_meta, task, label_map)
-        if not model_found:
+        if (wanted is not None and task.name not in wanted) or task.type not in _BY_NAME_TYPES:
             continue
         task_matches = []
-        for target in target_tasks:
-            if label_map == "identity" and target.name != task.name:
-                continue  # one label system: a label means the same only within the same task
-            match = _match_task(
-                task, model_found, target, label_findings(target_meta, target, label_map), plan
-            )
+        by_name = label_map == "identity" or task.name in SHARED_TASKS
+        same_named = next((t for t in target_meta.tasks if t.name == task.name), None) if by_name else None
+        if same_named is not None:
+            match = _match_by_name(task, same_named, plan)
             if match is not None:
                 task_matches.append(match)
+        if task.type in MAPPABLE_TYPES and label_map != "identity":
+            model_found = label_findings(source_meta, task, label_map)
+            for target in target_tasks if model_found else ():
+                if same_named is not None and target.name == same_named.name:
+                    continue  # paired by name above
+                match = _match_task(
+                    task, model_found, target, label_findings(target_meta, target, label_map), plan
+                )
+                if match is not None:
+                    task_matches.append(match)
         for match in task_matches:
             if len(task_matches) > 1:
                 match.key = f"{match.model_task}/{match.target_task}"
@@ -160,6 +180,31 @@ def plan_cross_dataset(
     if not plan.matches:
         plan.notes.append(f"no label of the model's tasks maps onto a label of {plan.target} ({label_map})")
     return plan
+
+
+def _match_by_name(task: TaskInfo, target: TaskInfo, plan: CrossDatasetPlan) -> TaskMatch | None:
+    """Pair the labels of two tasks of the same name (one definition on both sides) by label name."""
+    if target.type != task.type:
+        plan.notes.append(
+            f"{task.name}: a {task.type} task in the model but {target.type} in {plan.target}; left out"
+        )
+        return None
+    model_names, target_names = task_label_names(task), task_label_names(target)
+    match = TaskMatch(
+        key=task.name,
+        model_task=task.name,
+        target_task=target.name,
+        task_type="regression" if task.type == "regression" else "multilabel",
+    )
+    for name in model_names:
+        if name in target_names:
+            match.pairs.append(LabelPair(name, name, name))
+            match.model_index.append(model_names.index(name))
+            match.target_index.append(target_names.index(name))
+    missing = [name for name in model_names if name not in target_names]
+    if missing and match.pairs:
+        plan.notes.append(f"{task.name}: labels {missing} are not in {plan.target}'s {target.name}; left out")
+    return match if match.pairs else None
 
 
 def _match_task(
@@ -233,6 +278,24 @@ def evaluate_cross_dataset(
             val_true = _columns(source_val_true[match.model_task], match.model_index)
             val_pred = _columns(source_val_pred[match.model_task], match.model_index)
         pairs = [asdict(p) for p in match.pairs]
+        if match.task_type == "regression":  # age: values, no thresholds
+            for name, true, pred, groups in (
+                (source_name, source_true, source_pred, source_groups),
+                (target_name, target_true, target_pred, target_groups),
+            ):
+                if true is None or pred is None:
+                    continue
+                task = match.model_task if name == source_name else match.target_task
+                result = evaluate_task(
+                    "regression",
+                    match.label_names,
+                    _columns(true[task], match.model_index if name == source_name else match.target_index)[:, 0],
+                    _columns(pred[match.model_task], match.model_index)[:, 0],
+                    test_groups=groups,
+                    bootstrap=bootstrap,
+                )
+                results.setdefault(name, {})[match.key] = result | {"label_pairs": pairs}
+            continue
         common = dict(
             val_true=val_true, val_pred=val_pred, operating_point=operating_point, bootstrap=bootstrap
         )

@@ -323,8 +323,8 @@ def evaluate_ensemble(
             rows; its cost grows with their number).
         n_examples: test records rendered as 12-lead ECGs with their predictions and gate weights.
         cross_data: other prepared datasets to evaluate the same model on through ``label_map``
-            (:data:`~enecg.evaluation.cross_dataset.LABEL_MAPS`); ``cross_split``: their part to use (None: all
-            records, the usual external-validation protocol).
+            (:data:`~enecg.evaluation.cross_dataset.LABEL_MAPS`); ``cross_split``: their part to use (None or
+            ``"all"``: all records, the usual external-validation protocol).
         train_splits: the parts the model was trained on: the linear probes and the stacker are fitted there
             (None, or parts the dataset lacks: those baselines are left out, with a log line).
         baselines: False: only the uniform average and the best single expert (no probes, no stacker).
@@ -699,6 +699,8 @@ def _cross_dataset(
     if not plan.matches:
         logger.warning("cross-dataset %s: %s", target_dir, "; ".join(plan.notes))
         return plan_dict, {}, []
+    if cross_split == "all":
+        cross_split = None  # every record of the target dataset (the default)
     part = _part(target_dataset, cross_split, str(target_dir)) if cross_split else _all_parts(target_dataset)
     target_tasks = [target_meta.task(name) for name in dict.fromkeys(m.target_task for m in plan.matches)]
     logger.info("Cross-dataset evaluation on %s (%d records)", target_dir, len(part))
@@ -724,6 +726,8 @@ def _cross_dataset(
     rows = {name: {key: with_ci_mapping(r) for key, r in per_key.items()} for name, per_key in rows.items()}
     figures = []
     for match in plan.matches:
+        if match.task_type == "regression":
+            continue  # no ROC/PR for values (age)
         y = np.asarray(target.labels[match.target_task], float).reshape(len(target), -1)[
             :, match.target_index
         ]

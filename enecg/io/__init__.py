@@ -2,7 +2,8 @@
 
 :func:`read_record` reads any single-segment WFDB record (``.hea`` + ``.dat``: PTB-XL, MIT-BIH style, any lead
 set and length) and PhysioNet/CinC Challenge records (``.hea`` + ``.mat`` holding ``val``), choosing the signal
-reader from the files the header names. Signals are float32 ``(leads, samples)`` in mV.
+reader from the files the header names, and SPH records (``.h5``, :mod:`enecg.io.sph`). Signals are float32
+``(leads, samples)`` in mV.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from enecg.io.checks import check_signal
+from enecg.io.checks import check_signal, check_timing
 from enecg.io.comments import comment_metadata
 from enecg.io.header import WfdbHeader, read_header
 from enecg.io.signals import millivolt_factors, read_dat_signal, read_mat_signal
@@ -21,6 +22,7 @@ from enecg.record import ECGRecord, RecordError
 __all__ = ["ECGRecord", "RecordError", "WfdbHeader", "header_path", "read_header", "read_record"]
 
 _RECORD_SUFFIXES = (".hea", ".dat", ".mat")
+_HDF5_SUFFIXES = (".h5", ".hdf5")
 
 
 def header_path(path: str | Path) -> Path:
@@ -35,7 +37,8 @@ def read_record(path: str | Path) -> ECGRecord:
     """Read one record.
 
     Args:
-        path: the record's ``.hea`` file, one of its signal files, or its path without extension.
+        path: the record's ``.hea`` file, one of its signal files, or its path without extension; or an SPH
+            ``.h5`` file (read by :func:`enecg.io.sph.read_sph_record`: no header, labels in ``metadata.csv``).
 
     Returns:
         An :class:`ECGRecord` with ``record_id`` = the header's record name, ``patient_id`` None (datasets fill it
@@ -46,8 +49,14 @@ def read_record(path: str | Path) -> ECGRecord:
     Raises:
         RecordError: one line naming the file and the problem.
     """
+    if Path(path).suffix.lower() in _HDF5_SUFFIXES:
+        from enecg.io.sph import read_sph_record
+
+        return read_sph_record(path)
     hea = header_path(path)
     header = read_header(hea)
+    fs = float(header.record.fs)
+    check_timing(fs, header.record.sig_len, str(hea))  # before reading: a misread header can mean gigabytes
     files = header.signal_files
     is_mat = [name.lower().endswith(".mat") for name in files]
     if any(is_mat):
@@ -63,6 +72,7 @@ def read_record(path: str | Path) -> ECGRecord:
     signal = (physical * millivolt_factors(header)).T.astype(np.float32)
     leads = tuple(canonical_lead_name(name or f"signal{i}") for i, name in enumerate(header.record.sig_name))
     flags = check_signal(signal, leads, str(hea))
+    check_timing(fs, signal.shape[1], str(hea))
     metadata = {
         "path": str(hea),
         "format": kind,
@@ -73,7 +83,7 @@ def read_record(path: str | Path) -> ECGRecord:
     }
     return ECGRecord(
         signal=signal,
-        fs=float(header.record.fs),
+        fs=fs,
         leads=leads,
         record_id=header.record.record_name,
         patient_id=None,

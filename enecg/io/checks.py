@@ -9,6 +9,11 @@ Policy (see ``tests/test_bad_records.py``):
 * lead names enecg does not know (``ECG1``, ``CM5``): **warning**; the name is kept as written and listed in
   ``metadata["unknown_leads"]`` (whether such a lead is usable is the input contract's decision).
 * the same lead twice: **error** (lead lookup by name would be ambiguous).
+* a sampling rate outside [:data:`MIN_FS`, :data:`MAX_FS`] Hz or a duration outside [:data:`MIN_DURATION_S`,
+  :data:`MAX_DURATION_S`] s: **error** (:func:`check_timing`). The bounds cover every clinical and research ECG
+  (PhysioNet databases range from 62.5 Hz to 10 kHz; Holter recordings last 24 h) and reject what can only be a
+  misread header: a 0.01 Hz or 1e9 Hz rate, a 2-sample record, a year-long one (which would exhaust memory when
+  resampled).
 """
 
 from __future__ import annotations
@@ -22,6 +27,38 @@ from enecg.leads import is_known_lead
 from enecg.record import RecordError
 
 logger = logging.getLogger(__name__)
+
+MIN_FS = 50.0
+"""Lowest accepted sampling rate (Hz): below it the QRS complex (~100 ms) is not resolved."""
+MAX_FS = 10_000.0
+"""Highest accepted sampling rate (Hz): the fastest ECG hardware in PhysioNet records at 10 kHz."""
+MIN_DURATION_S = 1.0
+"""Shortest accepted record (s): less than one heartbeat at rest carries no usable rhythm or morphology."""
+MAX_DURATION_S = 24 * 3600.0
+"""Longest accepted record (s): a 24 h Holter recording."""
+
+
+def check_timing(fs: float, n_samples: int | None, source: str) -> None:
+    """Refuse an implausible sampling rate or duration (``n_samples`` None: check only the rate)."""
+    if not MIN_FS <= fs <= MAX_FS:
+        raise RecordError(
+            source, f"sampling rate {fs:g} Hz is implausible for an ECG (accepted {MIN_FS:g}-{MAX_FS:g} Hz)"
+        )
+    if n_samples is None:
+        return
+    duration = n_samples / fs
+    if duration < MIN_DURATION_S:
+        raise RecordError(
+            source,
+            f"record is too short: {n_samples} samples at {fs:g} Hz = {duration:.3g} s "
+            f"(at least {MIN_DURATION_S:g} s needed)",
+        )
+    if duration > MAX_DURATION_S:
+        raise RecordError(
+            source,
+            f"record is too long: {n_samples} samples at {fs:g} Hz = {duration / 3600:.3g} h "
+            f"(at most {MAX_DURATION_S / 3600:g} h accepted)",
+        )
 
 
 def check_signal(signal: np.ndarray, leads: tuple[str, ...], source: str) -> dict[str, Any]:

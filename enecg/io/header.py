@@ -4,8 +4,9 @@
 rejects the record line of many PhysioNet/CinC Challenge (Georgia, CPSC, Chapman) headers
 (``E07500.mat 12 500 5000 05-May-2020 09:49:17``: a file name as record name and a ``DD-Mon-YYYY`` date) or,
 worse, silently mis-reads it (``A0689 12 500 5000 12-May-2020 12:33:59`` parses as base time ``00:00:12``), and
-(c) silently falls back to 250 Hz when the sampling-frequency field is not a number. Here the text is decoded as
-strict UTF-8, the record line is normalised to WFDB syntax (only when it is not already valid, so well-formed
+(c) silently falls back to 250 Hz when the sampling-frequency field is not a number, and (d) reads only the
+digits before an exponent (``3.6e2`` becomes 3.6 Hz). Here the text is decoded as
+strict UTF-8 (a leading byte-order mark is dropped), the record line is normalised to WFDB syntax (only when it is not already valid, so well-formed
 headers go through unchanged), the numeric fields are checked, and the normalised lines are handed to wfdb's
 header parser, so every field means exactly what ``wfdb.rdheader`` would make of a well-formed header.
 """
@@ -13,6 +14,7 @@ header parser, so every field means exactly what ``wfdb.rdheader`` would make of
 from __future__ import annotations
 
 import datetime
+import decimal
 import logging
 import re
 from dataclasses import dataclass, field
@@ -72,7 +74,7 @@ def read_header_text(path: Path) -> str:
     except OSError as exc:
         raise RecordError(path, f"cannot read header: {exc.strerror or exc}") from None
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")  # a leading byte-order mark (some Windows editors write one) is dropped
     except UnicodeDecodeError as exc:
         bad = raw[exc.start : exc.start + 1].hex()
         raise RecordError(path, f"header is not UTF-8 text (byte 0x{bad} at offset {exc.start})") from None
@@ -100,9 +102,12 @@ def normalise_record_line(line: str, path: Path) -> str:
         # WFDB would assume 250 Hz: for ECG that silently gives wrong time axes, so refuse.
         raise RecordError(path, "record line gives no sampling frequency")
     fs_token = tokens[2]
-    fs_text = fs_token.split("/", 1)[0]
+    fs_text, slash, counter = fs_token.partition("/")
     if not _NUMBER.match(fs_text) or float(fs_text) <= 0:
         raise RecordError(path, f"sampling frequency {fs_text!r} in the record line is not a positive number")
+    if "e" in fs_text.lower():
+        # wfdb's record-line regex has no exponent: it would read "3.6e2" as 3.6 Hz. Write it out in full.
+        fs_token = _plain_decimal(fs_text) + slash + counter
     out = [name, tokens[1], fs_token]
     rest = tokens[3:]
     if rest:
@@ -123,6 +128,16 @@ def normalise_record_line(line: str, path: Path) -> str:
             out.append(date_token)
     normalised = " ".join(out)
     return line.strip() if normalised == " ".join(line.split()) else normalised
+
+
+def _plain_decimal(text: str) -> str:
+    """``3.6e2`` -> ``360``, ``2.5E-1`` -> ``0.25``: the same number without an exponent."""
+    return format(decimal.Decimal(text).normalize(), "f")
+
+
+def declared_fs(record_line: str) -> float:
+    """The sampling frequency a record line declares (the number before any ``/counter``)."""
+    return float(record_line.split()[2].partition("/")[0])
 
 
 def _parse_other_date(token: str) -> str | None:
@@ -186,6 +201,11 @@ def read_header(path: str | Path) -> WfdbHeader:
         signal_fields = parse_signal_lines(signal_lines)
     except (HeaderSyntaxError, ValueError) as exc:
         raise RecordError(path, f"invalid header: {exc}") from None
+    if record_fields.get("fs") != declared_fs(record_line):
+        # Never a silently different rate: wfdb's parser must read exactly the number written.
+        raise RecordError(
+            path, f"sampling frequency {record_line.split()[2]!r} cannot be read exactly (read as {record_fields.get('fs')})"
+        )
     record = wfdb.Record()
     for name, values in signal_fields.items():
         setattr(record, name, values)

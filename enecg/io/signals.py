@@ -117,6 +117,11 @@ def read_mat_signal(header: WfdbHeader) -> np.ndarray:
     if "val" not in content:
         raise RecordError(header.path, f"{file_name} has no 'val' variable")
     val = np.asarray(content["val"])
+    if np.iscomplexobj(val):
+        # Keeping only the real part would be a silent wrong result; an ECG is never complex-valued.
+        raise RecordError(header.path, f"'val' in {file_name} is complex-valued ({val.dtype}); ECG samples are real")
+    if not (np.issubdtype(val.dtype, np.integer) or np.issubdtype(val.dtype, np.floating)):
+        raise RecordError(header.path, f"'val' in {file_name} holds {val.dtype} values, not numbers")
     if val.ndim != 2 or val.shape[0] != rec.n_sig:
         raise RecordError(
             header.path, f"'val' in {file_name} has shape {val.shape}, expected ({rec.n_sig}, samples)"

@@ -36,6 +36,10 @@ _NON_ARCHITECTURAL_KWARGS = frozenset({"verbose", "return_features"})
 _DATA_PARALLEL_PREFIX = "module."
 _BLOCK_KEY = re.compile(r"^stage_list\.(\d+)\.block_list\.(\d+)\.")
 _SIGNATURE_KEYS = ("first_conv.conv.weight", "stage_list.0.block_list.0.conv1.conv.weight")
+NON_INFERABLE: tuple[str, ...] = ("stride", "use_bn", "use_do")
+"""Constructor arguments the weights do not determine: :func:`infer_net1d_config` gives the published values
+(2, False, False); an adapter spec with ``config_from: checkpoint`` sets others in ``config:`` (``{stride: 4}``),
+which overrides the inferred config."""
 
 
 @dataclass(frozen=True)
@@ -291,8 +295,9 @@ def _shape(state_dict: Mapping[str, torch.Tensor], key: str, path: Path) -> tupl
 def infer_net1d_config(state_dict: Mapping[str, torch.Tensor], path: Path) -> Net1DConfig:
     """Recover the ``Net1D`` constructor arguments from the tensor shapes of a state dict.
 
-    ``stride`` (per-stage downsampling) and ``use_bn``/``use_do`` leave no trace in the weights; they take the
-    published values (2, False, False).
+    ``stride`` (per-stage downsampling) and ``use_bn``/``use_do`` (:data:`NON_INFERABLE`) leave no trace in the
+    weights; they take the published values (2, False, False). A variant with other values is loaded with a spec
+    that sets them (``config_from: checkpoint`` + ``config: {stride: 4}``: the spec's entries override these).
     """
     base_filters, in_channels, kernel_size = _shape(state_dict, "first_conv.conv.weight", path)
     blocks: dict[int, set[int]] = {}
@@ -335,6 +340,8 @@ def infer_net1d_config(state_dict: Mapping[str, torch.Tensor], path: Path) -> Ne
         raise WeightsError(
             f"{path}: dense takes {dense_in} features but the last stage has {filter_list[-1]}"
         )
+    # stride, use_bn and use_do (NON_INFERABLE) leave no trace in the tensors: the published values here; a spec
+    # sets others in its `config:` (merged over this inferred config, e.g. `config: {stride: 4}`).
     return Net1DConfig(
         in_channels=in_channels,
         base_filters=base_filters,
