@@ -13,16 +13,15 @@ Four measurements, all taken in ONE run (ratios are between numbers measured sid
    ``ensemble`` (frozen experts run on every step, without gradients) and ``full_finetune`` (every expert
    parameter unfrozen and trained with the heads, AdamW state for all of them).
 3. **Trainable parameters** (``trainable_parameters``): heads + LoRA + gate over all parameters of the ensemble.
-4. **Mixture of experts vs single experts vs uniform average** (``moe``): 5-fold cross-validation on the PTB-XL
-   sample (parts = strat folds {1,2}, {3,4}, ..., fold i tests, fold i+1 selects), three in-house experts created
-   and pretrained by the recipe's ``create:`` mechanism on each fold's training parts only; macro AUROC on the
-   diagnostic superclasses, mean +- sd over folds.
+4. **Ensemble quality** (``ensemble``, ``bench/ensemble_quality.py``): 5 folds x 3 seeds of the PTB-XL sample, four
+   in-house experts, every training strategy variant against the uniform average, the best single expert chosen
+   on validation, linear probes and a stacker, with paired patient-level bootstrap CIs; JSON + a PNG figure.
 
 Usage (from the repository root)::
 
     python bench/bench_training.py                       # default run, ~10 min on 2 idle cores
     python bench/bench_training.py --quick               # tiny sizes: pipeline and JSON schema check only
-    python bench/bench_training.py --sections moe --folds 0,1
+    python bench/bench_training.py --sections ensemble --folds 0,1 --seeds 0
 
 Foundation-model weights do not exist here and are not needed: time and memory do not depend on weight values,
 so the full-size architectures are built from their published configs (the parity manifests

@@ -35,7 +35,7 @@ def test_quick_run_writes_the_schema(ptbxl_dir: Path, tmp_path: Path) -> None:
         "--memory-modes=ensemble,full_finetune",
         "--folds=0",
         "--seeds=0",
-        "--variants=staged,joint",
+        "--variants=staged,staged_finetune,joint",
         f"--work-dir={tmp_path / 'work'}",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -74,7 +74,7 @@ def test_quick_run_writes_the_schema(ptbxl_dir: Path, tmp_path: Path) -> None:
 
     ensemble = document["ensemble"]
     assert ensemble["folds"] == [0] and ensemble["seeds"] == [0]
-    assert {r["variant"] for r in ensemble["runs"]} == {"staged", "joint"}
+    assert {r["variant"] for r in ensemble["runs"]} == {"staged", "staged_finetune", "joint"}
     for run in ensemble["runs"]:
         assert {"ensemble", "uniform average", "best single expert (validation)", "stacker (out-of-fold probes)"} <= set(
             run["rows"]
@@ -90,5 +90,7 @@ def test_quick_run_writes_the_schema(ptbxl_dir: Path, tmp_path: Path) -> None:
     assert staged["strategy"]["final_phase"] == "gate"
     summary = ensemble["summary"]["staged"]["tasks"]["superclass"]
     assert summary["rows"]["ensemble"]["n"] == 1 and "best single expert (validation)" in summary["paired"]
-    assert set(ensemble["targets"]) >= {"variant", "superclass_vs_best_single_plus_0.01", "superclass_vs_uniform"}
+    targets = ensemble["targets"]
+    assert targets["variant"] == "staged_finetune"
+    assert targets["superclass_vs_best_single_plus_0.01"]["ensemble_minus_best_single"]["n"] == 1
     assert (tmp_path / "training.png").is_file()  # the figure next to the JSON

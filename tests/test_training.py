@@ -89,11 +89,18 @@ def test_created_experts_and_saved_model(trained: dict[str, Any]) -> None:
         assert info["pretrain_task"] == task and info["pretrain_steps"] == 100
         load_expert(folder)  # a complete, loadable in-house expert
 
-    # The shipped recipe is staged: each expert's task head was selected on its own in stage 1, the gate in stage 2.
-    best: dict[str, torch.Tensor] = {}
+    # The shipped recipe is staged: each expert's task head was selected on its own in stage 1, the gate in stage 2;
+    # stage 3 (joint fine-tuning) is kept only when it beat them on validation.
     heads = sorted((run / "stage1" / BEST_DIR).rglob(TRAINABLE_WEIGHTS_FILE))
     assert len(heads) == 6  # 2 experts x 3 tasks
-    for path in [*heads, run / "gate" / BEST_DIR / TRAINABLE_WEIGHTS_FILE]:
+    final = json.loads((run / METRICS_FILE).read_text())["strategy"]["final_phase"]
+    assert final in ("gate", "finetune")
+    selected = [run / "finetune" / BEST_DIR / TRAINABLE_WEIGHTS_FILE] if final == "finetune" else [
+        *heads,
+        run / "gate" / BEST_DIR / TRAINABLE_WEIGHTS_FILE,
+    ]
+    best: dict[str, torch.Tensor] = {}
+    for path in selected:
         best |= {k: v for k, v in load_file(str(path)).items() if not k.startswith("buffer::")}
     assert any(".heads.superclass." in k for k in best) and any(k.startswith("gate.") for k in best)
     try:
