@@ -478,7 +478,9 @@ def bench_ensemble(args: Any, work: Path) -> dict[str, Any]:
     pretrain_s = time.perf_counter() - t0
     pool_dir = pool_dataset(args, work, dataset_dir)
     cache_dir = work / "features"
-    log = work / "runs.jsonl"
+    # Pooled runs train on other records: their own run folders and results log (experts and cache are shared).
+    tag = "" if pool_dir is None else f"-pool-{args.pool}"
+    log = work / f"runs{tag}.jsonl"
     done = {}
     if log.is_file():
         for line in log.read_text().splitlines():
@@ -494,9 +496,9 @@ def bench_ensemble(args: Any, work: Path) -> dict[str, Any]:
                     runs.append(done[key])
                     continue
                 overrides, source, rerun = VARIANTS[variant]
-                out_dir = work / "runs" / variant / f"fold{fold}-seed{seed}"
+                out_dir = work / f"runs{tag}" / variant / f"fold{fold}-seed{seed}"
                 if source is not None:
-                    _reuse(work / "runs" / source / f"fold{fold}-seed{seed}", out_dir, rerun)
+                    _reuse(work / f"runs{tag}" / source / f"fold{fold}-seed{seed}", out_dir, rerun)
                 recipe = run_recipe(
                     dataset_dir,
                     experts,
@@ -525,7 +527,7 @@ def bench_ensemble(args: Any, work: Path) -> dict[str, Any]:
                     fh.write(json.dumps(row) + "\n")
                 runs.append(row)
     summary = summarise(runs)
-    figure = args.out.with_suffix(".png") if args.figure else None
+    figure = args.out.with_name(f"{args.out.stem}{tag.replace('-', '_')}.png") if args.figure else None
     if figure is not None:
         plot(summary, figure)
     return {
