@@ -158,7 +158,7 @@ def test_uniform_start_and_routing_penalty(kind):
     )
     out = gate(inputs)
     torch.testing.assert_close(out.weights, torch.full((5, 2, 3), 1 / 3))
-    assert float(out.aux_losses[ROUTING]) == 0.0
+    assert float(out.aux_losses[ROUTING].detach()) == 0.0
     # The penalty is the mean over records and groups of the squared record-dependent logits, centred over
     # experts; the router's bias (the per-group weights) is free.
     with torch.no_grad():
