@@ -14,6 +14,8 @@ import pytest
 import torch
 import yaml
 from conftest import parity_dir
+from test_expert_loading import MANTIS_8M_CONFIG, MANTIS_V2_CONFIG
+from test_parity_mantis import MANTISPLUS_CONFIG_JSON
 from torch import nn
 
 from enecg.contract import InputContract
@@ -159,48 +161,9 @@ def test_mantis_contract_and_published_configs() -> None:
     published config.json files (MantisPlus's verbatim, with its inert extra keys; the others as the official
     save_pretrained writes them), read the way the specs read them (config_from checkpoint + num_channels)."""
     published = {
-        "mantis-8m": {
-            "seq_len": 512,
-            "hidden_dim": 256,
-            "num_patches": 32,
-            "transf_depth": 6,
-            "hidden_dim_scalar_enc": 32,
-            "epsilon_scalar_enc": 1.1,
-            "device": "cpu",
-        },
-        "mantisplus": {
-            "device": "cpu",
-            "epsilon_scalar_enc": 1.1,
-            "hidden_dim": 256,
-            "hidden_dim_scalar_enc": 32,
-            "kernel_size": None,
-            "no_diff_operator": False,
-            "no_scalars": False,
-            "num_patches": 32,
-            "output": "cls_token",
-            "patch_length_oriented": False,
-            "pre_training": False,
-            "return_transf_layer": -1,
-            "scalar_scales": None,
-            "seq_len": 512,
-            "transf_depth": 6,
-            "transf_dim_head": 128,
-            "transf_dropout": 0.1,
-            "transf_mlp_dim": 512,
-            "transf_num_heads": 8,
-        },
-        "mantisv2": {
-            "kernel_size": 41,
-            "hidden_dim": 256,
-            "num_patches": 32,
-            "transf_depth": 6,
-            "hidden_dim_scalar_enc": 32,
-            "epsilon_scalar_enc": 1.1,
-            "transf_dim_head": 32,
-            "output_token": "cls_token",
-            "return_transf_layer": -1,
-            "device": "cpu",
-        },
+        "mantis-8m": MANTIS_8M_CONFIG,
+        "mantisplus": MANTISPLUS_CONFIG_JSON,
+        "mantisv2": MANTIS_V2_CONFIG,
     }
     family = get_family("mantis")
     for name, config in published.items():
