@@ -11,7 +11,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import pickle
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,23 @@ def read_json_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise WeightsError(f"{path}: expected a JSON object")
     return value
+
+
+def detect_config_folder(
+    folder: str | Path, is_config: Callable[[dict[str, Any]], bool], weights_files: Sequence[str]
+) -> Path | None:
+    """The weights file of a Hugging Face layout folder (``config.json`` + one of ``weights_files``) whose config
+    satisfies ``is_config``; None otherwise (an unreadable config is no match: detection never raises)."""
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        return None
+    try:
+        if not is_config(read_json_config(config_path)):
+            return None
+    except WeightsError:
+        return None
+    return next((folder / name for name in weights_files if (folder / name).is_file()), None)
 
 
 def read_state_dict_with_config(

@@ -44,7 +44,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from enecg.experts.family import ExpertFamily, register_family
-from enecg.experts.weights import WeightsError, read_json_config, read_state_dict_with_config
+from enecg.experts.weights import (
+    WeightsError,
+    detect_config_folder,
+    read_state_dict_with_config,
+)
 
 WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
 VERSIONS = ("v1", "v2")
@@ -605,19 +609,7 @@ class MantisFamily(ExpertFamily):
         return state_dict, config
 
     def detect(self, folder: Path) -> Path | None:
-        folder = Path(folder)
-        config_path = folder / "config.json"
-        if not config_path.is_file():
-            return None
-        try:
-            if not is_mantis_config(read_json_config(config_path)):
-                return None
-        except WeightsError:
-            return None
-        for name in WEIGHTS_FILES:
-            if (folder / name).is_file():
-                return folder / name
-        return None
+        return detect_config_folder(folder, is_mantis_config, WEIGHTS_FILES)
 
     def embed(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``(B, num_channels, L)`` windows -> ``(B, num_channels * D)`` as ``MantisTrainer.transform``. V1 takes

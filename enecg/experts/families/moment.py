@@ -26,7 +26,11 @@ from transformers import T5Config
 from transformers.models.t5.modeling_t5 import T5Stack
 
 from enecg.experts.family import ExpertFamily, register_family
-from enecg.experts.weights import WeightsError, read_json_config, read_state_dict_with_config
+from enecg.experts.weights import (
+    WeightsError,
+    detect_config_folder,
+    read_state_dict_with_config,
+)
 
 MODEL_NAME = "MOMENT"
 WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -310,19 +314,7 @@ class MomentFamily(ExpertFamily):
         return state_dict, config
 
     def detect(self, folder: Path) -> Path | None:
-        folder = Path(folder)
-        config_path = folder / "config.json"
-        if not config_path.is_file():
-            return None
-        try:
-            if not is_moment_config(read_json_config(config_path)):
-                return None
-        except WeightsError:
-            return None
-        for name in WEIGHTS_FILES:
-            if (folder / name).is_file():
-                return folder / name
-        return None
+        return detect_config_folder(folder, is_moment_config, WEIGHTS_FILES)
 
     def embed(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, seq_len)`` windows -> ``(B, d_model)``, as ``MOMENTPipeline(task_name='embedding')(x_enc=x)``."""
