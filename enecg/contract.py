@@ -13,6 +13,8 @@ Pipeline of :func:`apply_contract_array` (the order is part of the contract's me
 2. **Leads**: pick the contract's leads by canonical name from the order given by the record's header (never
    by position: MIMIC-IV-ECG stores ``aVF`` before ``aVL``). A contract lead absent from the record is
    zero-filled and marked False in ``lead_mask`` (``missing_leads="zero_fill"``) or refused (``"refuse"``).
+   A record with fewer real contract leads than ``min_leads``, or lacking one of ``required_leads``, is refused
+   with :class:`ContractRefusal`: this model cannot read it, another model (an ensemble's other experts) may.
 3. **Rate and filters**: polyphase resampling (:func:`scipy.signal.resample_poly`, exact rational ratio) to
    ``contract.fs``; filters run at the *higher* of the record's and the contract's rate, i.e. before
    decimation and after interpolation. Before decimation is what HuBERT-ECG's official preprocessing does (FIR
@@ -24,7 +26,8 @@ Pipeline of :func:`apply_contract_array` (the order is part of the contract's me
    in the order the FM notes list them).
 4. **Windows** of ``length`` samples: the first / central window, or non-overlapping ``segments`` (a trailing
    remainder shorter than ``length`` is dropped; ``max_segments`` keeps the first ones). A record shorter than
-   ``length`` gives one window zero-padded at the end, or is refused.
+   ``length`` gives one window zero-padded at the end (``valid_samples`` says how many samples are real, so a
+   model that can mask padding does), or is refused.
 5. **Scaling** per window (statistics over the real samples only: padding and zero-filled leads neither enter
    the statistics nor change), then ``zero_constant_leads``, then the layout (``concat_leads`` flattens lead
    after lead).
@@ -79,6 +82,14 @@ _CONSTANT_ATOL = 1e-9
 _CONSTANT_RTOL = 1e-7
 # Largest numerator/denominator accepted for the resampling ratio: resample_poly's filter grows with it.
 _MAX_RATIO_TERM = 2000
+# Caps on what one record may become (checked before anything is allocated): values (leads x samples) after
+# resampling, and windows of a 'segments' contract without max_segments. A 24-h 12-lead Holter at 500 Hz is
+# 518M values (4 GB in float64): such records need max_segments (or a shorter crop), not an out-of-memory crash.
+MAX_PREPARED_VALUES = 64_000_000
+MAX_WINDOWS = 2048
+# Fields added after the first cache format enter the digest only when set, so that every contract written
+# before them keeps its digest (and its feature-cache entries).
+_DIGEST_OPTIONAL_FIELDS = {"min_leads": None, "required_leads": None}
 
 
 @dataclass(frozen=True)
@@ -118,6 +129,17 @@ class InputContract:
     missing_leads: MissingLeads = field(
         default="zero_fill",
         metadata={"help": "Contract leads absent from the record: fill with zeros (and mask), or refuse."},
+    )
+    min_leads: int | None = field(
+        default=None,
+        metadata={
+            "help": "Fewest contract leads a record must really have for this model (None: one). A record "
+            "with fewer is refused by this model; an ensemble then routes it to experts that can read it."
+        },
+    )
+    required_leads: tuple[str, ...] | None = field(
+        default=None,
+        metadata={"help": "Contract leads this model cannot do without (a record lacking one is refused)."},
     )
     bandpass: tuple[float, float] | None = field(
         default=None, metadata={"help": "Band-pass corner frequencies (low, high) in Hz; None: no band-pass."}
@@ -172,6 +194,29 @@ class InputContract:
             object.__setattr__(self, "leads", leads)
         if self.length is not None:
             _require(_is_int(self.length) and self.length > 0, "length", self.length, "a positive integer")
+        if self.min_leads is not None:
+            most = len(self.leads) if self.leads is not None else None
+            _require(
+                _is_int(self.min_leads) and self.min_leads >= 1 and (most is None or self.min_leads <= most),
+                "min_leads",
+                self.min_leads,
+                "an integer from 1 to the number of contract leads",
+            )
+        if self.required_leads is not None:
+            _require(
+                not isinstance(self.required_leads, str) and self.leads is not None,
+                "required_leads",
+                self.required_leads,
+                "a sequence of lead names, with `leads` set",
+            )
+            required = tuple(canonical_lead_name(str(name)) for name in self.required_leads)
+            _require(
+                set(required) <= set(self.leads or ()),
+                "required_leads",
+                self.required_leads,
+                f"a subset of the contract leads {list(self.leads or ())}",
+            )
+            object.__setattr__(self, "required_leads", required)
         if self.max_segments is not None:
             _require(
                 _is_int(self.max_segments) and self.max_segments > 0,
@@ -253,22 +298,32 @@ class InputContract:
         if unknown:
             raise ValueError(f"unknown input-contract keys {unknown}; known: {sorted(names)}")
         data = dict(data)
-        for key in ("leads", "bandpass"):
+        for key in ("leads", "bandpass", "required_leads"):
             if data.get(key) is not None:
                 data[key] = tuple(data[key])
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        for key in ("leads", "bandpass"):
+        for key in ("leads", "bandpass", "required_leads"):
             if out[key] is not None:
                 out[key] = list(out[key])
         return out
 
     def digest(self) -> str:
         """Stable short hash of every field: part of feature-cache keys (any change invalidates the cache)."""
-        payload = json.dumps(self.to_dict(), sort_keys=True).encode()
+        data = self.to_dict()
+        for name, default in _DIGEST_OPTIONAL_FIELDS.items():
+            if data[name] == default:
+                del data[name]
+        payload = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(payload).hexdigest()[:16]
+
+
+class ContractRefusal(RecordError):
+    """A well-formed record that this contract's model cannot read (too few leads, a required lead missing, too
+    short, too long): another model may. An ensemble routes such a record to its other experts; only when no
+    expert can read it is the record refused."""
 
 
 def _is_real(value: Any) -> bool:
@@ -295,10 +350,13 @@ class PreparedInput:
             ``concat_leads``); a batch adds a leading axis: ``(B, n_windows, ...)``. Several windows only with
             ``segments``.
         lead_mask: bool ``(leads,)``; False where a contract lead was missing from the record and zero-filled.
+        valid_samples: int ``(n_windows,)`` (``(B, n_windows)`` for a batch): real samples per lead in each
+            window; fewer than ``length`` where a short record was zero-padded at the end.
     """
 
     windows: np.ndarray
     lead_mask: np.ndarray
+    valid_samples: np.ndarray | None = None
 
 
 def apply_contract(record: ECGRecord, contract: InputContract) -> PreparedInput:
@@ -357,6 +415,7 @@ def apply_contract_array(
     _check_finite(x, record_leads, source, batched)
 
     rows, lead_mask = _select_leads(record_leads, contract, source)
+    _check_size(x.shape[2], int(lead_mask.sum()), float(fs), contract, source)
     present = x[:, rows[lead_mask]].astype(np.float64)
     present = _resample_and_filter(present, float(fs), contract, source)
 
@@ -364,13 +423,42 @@ def apply_contract_array(
     full[:, lead_mask] = present
     windows, pad = _cut_windows(full, contract, source)
     windows = _scale(windows, lead_mask, contract)
+    valid = np.full(windows.shape[:2], windows.shape[-1], dtype=np.int64)
     if pad:
         windows = np.pad(windows, [(0, 0)] * (windows.ndim - 1) + [(0, pad)])
     if contract.layout == "concat_leads":
         # C order: lead 0's samples, then lead 1's ... -- "lead after lead" as HuBERT-ECG flattens (12, 500).
         windows = windows.reshape(*windows.shape[:-2], -1)
     windows = np.ascontiguousarray(windows, dtype=np.float32)
-    return PreparedInput(windows=windows if batched else windows[0], lead_mask=lead_mask)
+    return PreparedInput(
+        windows=windows if batched else windows[0],
+        lead_mask=lead_mask,
+        valid_samples=valid if batched else valid[0],
+    )
+
+
+def _check_size(n: int, leads: int, fs: float, contract: InputContract, source: str) -> None:
+    """Refuse, before anything is allocated, a record that would become too large (see MAX_PREPARED_VALUES)."""
+    target = fs if contract.fs is None else contract.fs
+    try:
+        up, down = resampling_ratio(fs, target)
+    except ValueError as error:
+        raise RecordError(source, str(error)) from None
+    resampled = -(-n * up // down)
+    if resampled * leads > MAX_PREPARED_VALUES:
+        raise ContractRefusal(
+            source,
+            f"record of {n} samples x {leads} leads at {fs:g} Hz becomes {resampled} samples per lead at "
+            f"{target:g} Hz, over the cap of {MAX_PREPARED_VALUES} values (crop it, or use a contract length)",
+        )
+    if contract.length and contract.long_records == "segments" and contract.max_segments is None:
+        windows = resampled // contract.length
+        if windows > MAX_WINDOWS:
+            raise ContractRefusal(
+                source,
+                f"record gives {windows} windows of {contract.length} samples, over the cap of {MAX_WINDOWS}: "
+                "set the contract's max_segments",
+            )
 
 
 @dataclass
@@ -382,18 +470,32 @@ class StackedWindows:
             records with fewer windows than the longest are padded with all-zero windows.
         window_mask: bool ``(B, n_windows)``: False for padding windows (excluded from aggregation).
         lead_mask: bool ``(B, leads)``: False where a contract lead was missing from the record and zero-filled.
+        valid_samples: int ``(B, n_windows)``: real samples per lead in each window (see :class:`PreparedInput`).
+        available: bool ``(B,)``: False for records this contract refused (``on_refusal="mark"``); their
+            windows are zeros (one window marked real, so a model can run on them) and must not be used.
+        refusals: per record, the reason it was refused (None where available).
     """
 
     windows: np.ndarray
     window_mask: np.ndarray
     lead_mask: np.ndarray
+    valid_samples: np.ndarray | None = None
+    available: np.ndarray | None = None
+    refusals: list[str | None] = field(default_factory=list)
 
 
-def apply_contract_records(records: Sequence[ECGRecord], contract: InputContract) -> StackedWindows:
+def apply_contract_records(
+    records: Sequence[ECGRecord],
+    contract: InputContract,
+    *,
+    on_refusal: Literal["raise", "mark"] = "raise",
+) -> StackedWindows:
     """Apply ``contract`` to several records and stack the results (see :class:`StackedWindows`).
 
     Vectorised over the batch when the records share rate, leads and length (the common case: one dataset); a
-    batch-level error is re-raised per record so that the message names the offending file."""
+    batch-level error is re-raised per record so that the message names the offending file. With
+    ``on_refusal="mark"`` a record the contract refuses (:class:`ContractRefusal`: leads, length) is marked
+    unavailable instead of raising; any other problem (NaN values, a bad shape) still raises."""
     records = list(records)
     if not records:
         raise ValueError("apply_contract_records needs at least one record")
@@ -409,17 +511,68 @@ def apply_contract_records(records: Sequence[ECGRecord], contract: InputContract
         except RecordError:
             pass  # fall through: the per-record pass raises the error naming the record's file
         else:
-            prepared = [PreparedInput(windows=w, lead_mask=batch.lead_mask) for w in batch.windows]
+            prepared = [
+                PreparedInput(windows=w, lead_mask=batch.lead_mask, valid_samples=v)
+                for w, v in zip(batch.windows, batch.valid_samples)
+            ]
+    refusals: list[str | None] = [None] * len(records)
     if prepared is None:
-        prepared = [apply_contract(record, contract) for record in records]
+        outcomes: list[PreparedInput | None] = []
+        for i, record in enumerate(records):
+            try:
+                outcomes.append(apply_contract(record, contract))
+            except ContractRefusal as refusal:
+                if on_refusal == "raise":
+                    raise
+                refusals[i] = refusal.problem
+                outcomes.append(None)
+        usable = [p for p in outcomes if p is not None]
+        if not usable:
+            return _all_refused(records, contract, refusals)
+        prepared = [p if p is not None else _placeholder(usable[0], contract) for p in outcomes]
     n_windows = max(p.windows.shape[0] for p in prepared)
     windows = np.zeros((len(prepared), n_windows, *prepared[0].windows.shape[1:]), dtype=np.float32)
     window_mask = np.zeros((len(prepared), n_windows), dtype=bool)
+    valid_samples = np.zeros((len(prepared), n_windows), dtype=np.int64)
     for i, p in enumerate(prepared):
         windows[i, : p.windows.shape[0]] = p.windows
         window_mask[i, : p.windows.shape[0]] = True
+        valid_samples[i, : p.windows.shape[0]] = p.valid_samples
     lead_mask = np.stack([np.asarray(p.lead_mask, dtype=bool) for p in prepared])
-    return StackedWindows(windows=windows, window_mask=window_mask, lead_mask=lead_mask)
+    return StackedWindows(
+        windows=windows,
+        window_mask=window_mask,
+        lead_mask=lead_mask,
+        valid_samples=valid_samples,
+        available=np.array([r is None for r in refusals], dtype=bool),
+        refusals=refusals,
+    )
+
+
+def _placeholder(like: PreparedInput, contract: InputContract) -> PreparedInput:
+    """Zero input standing in for a refused record (shaped like one real window; never used)."""
+    return PreparedInput(
+        windows=np.zeros((1, *like.windows.shape[1:]), dtype=np.float32),
+        lead_mask=np.zeros_like(np.asarray(like.lead_mask, dtype=bool)),
+        valid_samples=np.full(1, contract.length or like.windows.shape[-1], dtype=np.int64),
+    )
+
+
+def _all_refused(
+    records: list[ECGRecord], contract: InputContract, refusals: list[str | None]
+) -> StackedWindows:
+    """Every record refused: zero windows of the contract's shape (when it fixes one) or of the records'."""
+    leads = len(contract.leads) if contract.leads is not None else len(records[0].leads)
+    length = contract.length or 1
+    shape = (leads * length,) if contract.layout == "concat_leads" else (leads, length)
+    return StackedWindows(
+        windows=np.zeros((len(records), 1, *shape), dtype=np.float32),
+        window_mask=np.ones((len(records), 1), dtype=bool),
+        lead_mask=np.zeros((len(records), leads), dtype=bool),
+        valid_samples=np.full((len(records), 1), length, dtype=np.int64),
+        available=np.zeros(len(records), dtype=bool),
+        refusals=refusals,
+    )
 
 
 def _check_finite(x: np.ndarray, leads: tuple[str, ...], source: str, batched: bool) -> None:
@@ -454,15 +607,27 @@ def _select_leads(
     mask = rows_array >= 0
     missing = [lead for lead, ok in zip(contract.leads, mask) if not ok]
     if mask.sum() == 0:
-        raise RecordError(
+        raise ContractRefusal(
             source,
             f"none of the contract leads {list(contract.leads)} is in the record's leads "
             f"{list(record_leads)}",
         )
     if missing and contract.missing_leads == "refuse":
-        raise RecordError(
+        raise ContractRefusal(
             source,
             f"record lacks contract leads {missing} (has {list(record_leads)}; missing_leads='refuse')",
+        )
+    if contract.min_leads is not None and mask.sum() < contract.min_leads:
+        raise ContractRefusal(
+            source,
+            f"record has {int(mask.sum())} of the model's {len(contract.leads)} leads "
+            f"({[lead for lead, ok in zip(contract.leads, mask) if ok]}), fewer than its min_leads "
+            f"{contract.min_leads}",
+        )
+    lacking = [lead for lead in contract.required_leads or () if lead in missing]
+    if lacking:
+        raise ContractRefusal(
+            source, f"record lacks the model's required leads {lacking} (has {list(record_leads)})"
         )
     return rows_array, mask
 
@@ -602,7 +767,7 @@ def _cut_windows(x: np.ndarray, contract: InputContract, source: str) -> tuple[n
         return x[:, np.newaxis], 0
     if n < length:
         if contract.short_records == "refuse":
-            raise RecordError(
+            raise ContractRefusal(
                 source,
                 f"record has {n} samples after resampling, shorter than the contract length "
                 f"{length} (short_records='refuse')",

@@ -40,3 +40,18 @@ def canonical_lead_name(name: str) -> str:
 def is_known_lead(name: str) -> bool:
     """Whether ``name`` is a lead enecg knows (the standard 12 or a Holter modified lead)."""
     return " ".join(name.strip().split()).upper() in _ALIASES
+
+
+def parse_lead_aliases(items: list[str] | None) -> dict[str, str]:
+    """``["MLII=II"]`` -> ``{"MLII": "II"}`` (canonical names); ``ValueError`` naming a malformed item or an
+    unknown target lead."""
+    aliases: dict[str, str] = {}
+    for item in items or []:
+        source, sep, target = item.partition("=")
+        if not sep or not source.strip() or not target.strip():
+            raise ValueError(f"lead alias {item!r}: expected FROM=TO, e.g. MLII=II")
+        target = canonical_lead_name(target.strip())
+        if not is_known_lead(target):
+            raise ValueError(f"lead alias {item!r}: {target!r} is not a known lead name")
+        aliases[canonical_lead_name(source.strip())] = target
+    return aliases

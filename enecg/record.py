@@ -56,6 +56,22 @@ class ECGRecord:
         """The file the record came from (or its id when it was built in memory), for error messages."""
         return str(self.metadata.get("path", self.record_id))
 
+    def with_lead_aliases(self, aliases: dict[str, str]) -> ECGRecord:
+        """A copy whose leads named like a key of ``aliases`` are renamed to its value, e.g. ``{"MLII": "II"}``
+        to let a Holter's modified lead II serve as lead II. Only on the user's word: MLII is not lead II (other
+        electrode sites), so nothing maps it by default. Renaming onto a lead the record already has is an
+        error naming the file."""
+        aliases = {canonical_lead_name(k): canonical_lead_name(v) for k, v in aliases.items()}
+        renamed = tuple(aliases.get(lead, lead) for lead in self.leads)
+        if renamed == self.leads:
+            return self
+        if len(set(renamed)) != len(renamed):
+            raise RecordError(
+                self.source, f"lead aliases {aliases} would give duplicate leads {list(renamed)}"
+            )
+        metadata = {**self.metadata, "lead_aliases": {k: v for k, v in aliases.items() if k in self.leads}}
+        return ECGRecord(self.signal, self.fs, renamed, self.record_id, self.patient_id, metadata)
+
     @property
     def n_samples(self) -> int:
         return int(self.signal.shape[1])

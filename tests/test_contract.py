@@ -511,6 +511,8 @@ def test_digest_changes_when_any_field_changes() -> None:
         "aggregation": "max",
         "short_records": "refuse",
         "missing_leads": "refuse",
+        "min_leads": 2,
+        "required_leads": ("II",),
         "bandpass": (0.67, 40),
         "bandpass_design": "fir",
         "bandpass_order": 5,

@@ -300,7 +300,9 @@ def build_feature_table(
     With ``cache=None`` every record is embedded (nothing is written).
     """
     full = EnsembleInputBuilder.for_ensemble(ensemble)
-    expert_builders = {name: EnsembleInputBuilder({name: c}) for name, c in full.contracts.items()}
+    expert_builders = {
+        name: EnsembleInputBuilder({name: c}, refuse_unreadable=False) for name, c in full.contracts.items()
+    }
     gate_builder = EnsembleInputBuilder({}, full.gate_contract) if full.gate_contract is not None else None
     names = list(ensemble.expert_names)
     entries = (
@@ -342,18 +344,25 @@ def build_feature_table(
                 if not missing:
                     continue
                 subset = [records[i] for i in missing]
-                prepared = expert_builders[name](subset)
+                prepared = expert_builders[name](subset).to(_device(ensemble))
                 with torch.no_grad():
                     embedded = (
                         ensemble.branch(name)
                         .embed(
-                            prepared.expert_inputs[name].to(_device(ensemble)),
-                            prepared.demographics.to(_device(ensemble)),
-                            prepared.window_masks[name].to(_device(ensemble)),
+                            prepared.expert_inputs[name],
+                            prepared.demographics,
+                            prepared.window_masks[name],
+                            prepared.lead_masks[name],
+                            prepared.valid_samples[name],
                         )
                         .float()
                         .cpu()
                     )
+                # A record this expert cannot read (its contract refused it) is stored as a NaN row: training
+                # and evaluation from the cache then route it to the other experts (Ensemble.forward).
+                unreadable = ~prepared.available[:, 0].cpu()
+                if bool(unreadable.any()):
+                    embedded[unreadable] = float("nan")
                 for row, i in enumerate(missing):
                     fresh[name][batch_keys[i]] = embedded[row]
                 new_keys[name] += [batch_keys[i] for i in missing]

@@ -77,8 +77,10 @@ def load_balance_loss(probs: Tensor, routed: Tensor | None = None) -> Tensor:
 
 
 def router_entropy(log_probs: Tensor) -> Tensor:
-    """Mean over records of the entropy of the router distribution (``log_probs`` ``(..., E)``)."""
-    return -(log_probs.exp() * log_probs).sum(dim=-1).mean()
+    """Mean over records of the entropy of the router distribution (``log_probs`` ``(..., E)``; ``-inf`` for
+    experts excluded from a record count 0, with a zero gradient rather than NaN)."""
+    probs = log_probs.exp()
+    return -(probs * log_probs.masked_fill(probs == 0, 0.0)).sum(dim=-1).mean()
 
 
 def _mlp(
@@ -189,22 +191,35 @@ class Gate(nn.Module):
     # -- routing -------------------------------------------------------------------------------------------------
 
     def route(
-        self, logits: Tensor, noise_std: Tensor | None = None, record_part: Tensor | None = None
+        self,
+        logits: Tensor,
+        noise_std: Tensor | None = None,
+        record_part: Tensor | None = None,
+        available: Tensor | None = None,
     ) -> GateOutput:
-        """Turn router logits ``(B, G, E)`` into weights (dense softmax or renormalised top-k)."""
+        """Turn router logits ``(B, G, E)`` into weights (dense softmax or renormalised top-k).
+
+        ``available`` ``(B, E)`` bool: experts that can read each record. The others get weight 0 and are never
+        routed to (their logits are -inf before the softmax / top-k), so the weights renormalise over the
+        experts that can; top-k then picks among those."""
         logits = logits.float()
         if noise_std is not None and self.training:
             logits = logits + torch.randn_like(logits) * noise_std
+        allowed = _allowed(available, logits)
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, float("-inf"))
         log_probs = F.log_softmax(logits, dim=-1)
         probs = log_probs.exp()
         top_k = self.settings.top_k
         if top_k is None or top_k >= self.num_experts:
-            routed = torch.ones_like(logits, dtype=torch.bool)
+            routed = torch.ones_like(logits, dtype=torch.bool) if allowed is None else allowed.clone()
             log_weights, weights = log_probs, probs
             dispatch = None
         else:
             chosen = logits.topk(top_k, dim=-1).indices
             routed = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, chosen, True)
+            if allowed is not None:
+                routed = routed & allowed  # fewer than k experts can read the record
             log_weights = F.log_softmax(logits.masked_fill(~routed, float("-inf")), dim=-1)
             weights = log_weights.exp()
             dispatch = routed
@@ -221,29 +236,47 @@ class Gate(nn.Module):
             weights=weights, log_weights=log_weights, probs=probs, routed=routed, aux_losses=aux
         )
 
-    def global_weights(self, batch_size: int, device: torch.device | str | None = None) -> GateOutput:
-        """The 'global' gate: the same learned weights for every record."""
+    def global_weights(
+        self, batch_size: int, device: torch.device | str | None = None, available: Tensor | None = None
+    ) -> GateOutput:
+        """The 'global' gate: the same learned weights for every record (renormalised over ``available``)."""
         shape = (batch_size, self.num_groups, self.num_experts)
         logits = self.router_bias.to(device).reshape(1, self.num_groups, self.num_experts).expand(shape)
-        return self.route(logits)
+        return self.route(logits, available=available)
 
-    def uniform(self, batch_size: int, device: torch.device | str | None = None) -> GateOutput:
-        """Equal weights for every record (the 'uniform' gate)."""
+    def uniform(
+        self, batch_size: int, device: torch.device | str | None = None, available: Tensor | None = None
+    ) -> GateOutput:
+        """Equal weights for every record (the 'uniform' gate), over the ``available`` experts of each."""
         shape = (batch_size, self.num_groups, self.num_experts)
-        weights = torch.full(shape, 1.0 / self.num_experts, device=device)
-        return GateOutput(
-            weights=weights,
-            log_weights=weights.log(),
-            probs=weights,
-            routed=torch.ones(shape, dtype=torch.bool, device=device),
-        )
+        routed = torch.ones(shape, dtype=torch.bool, device=device)
+        allowed = _allowed(available, routed)
+        if allowed is not None:
+            routed = allowed.clone()
+        weights = routed.float() / routed.sum(dim=-1, keepdim=True).clamp(min=1)
+        return GateOutput(weights=weights, log_weights=weights.log(), probs=weights, routed=routed)
 
-    def forward(self, inputs: Tensor | list[Tensor]) -> GateOutput:
+    def forward(self, inputs: Tensor | list[Tensor], available: Tensor | None = None) -> GateOutput:
         """Route a batch: ``inputs`` are gate-contract windows (``(B, [W,] leads, length)``, any layout whose
         per-record size is a multiple of leads x length; windows are averaged in logit space) for a signal gate,
-        or the list of the experts' embeddings for an embedding gate."""
+        or the list of the experts' embeddings for an embedding gate (zeros for records an expert cannot read).
+        ``available`` ``(B, E)``: see :meth:`route`."""
         if self.input_kind in ("uniform", "global"):
             raise RuntimeError(
                 f"the {self.input_kind} gate reads no input: call Gate.{'uniform' if self.input_kind == 'uniform' else 'global_weights'}(batch_size)"
             )
-        return self.route(*self.router_logits(inputs))
+        return self.route(*self.router_logits(inputs), available=available)
+
+
+def _allowed(available: Tensor | None, like: Tensor) -> Tensor | None:
+    """``available`` ``(B, E)`` broadcast to ``like`` ``(B, G, E)`` (None when every expert can read every record)."""
+    if available is None:
+        return None
+    available = available.to(device=like.device, dtype=torch.bool)
+    if available.shape != (like.shape[0], like.shape[-1]):
+        raise ValueError(f"available must be (B, E) = {(like.shape[0], like.shape[-1])}, got {tuple(available.shape)}")
+    if bool(available.all()):
+        return None
+    if not bool(available.any(dim=-1).all()):
+        raise ValueError("every record needs at least one expert that can read it (an `available` row is all False)")
+    return available.unsqueeze(1).expand(like.shape)

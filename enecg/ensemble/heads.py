@@ -96,13 +96,23 @@ class ExpertBranch(nn.Module):
         self.name_or_path = hub_id
 
     def embed(
-        self, windows: Tensor, demographics: Tensor | None = None, window_mask: Tensor | None = None
+        self,
+        windows: Tensor,
+        demographics: Tensor | None = None,
+        window_mask: Tensor | None = None,
+        lead_mask: Tensor | None = None,
+        valid_samples: Tensor | None = None,
     ) -> Tensor:
         """The expert's pooled embedding ``(B, D)`` of contract-prepared windows.
 
         ``window_mask`` ``(B, W)`` marks real windows (False: padding of records with fewer windows); an expert
-        that cannot take it is refused padded input rather than averaging padding into its embedding."""
+        that cannot take it is refused padded input rather than averaging padding into its embedding.
+        ``lead_mask`` ``(B, leads)`` and ``valid_samples`` ``(B, W)`` reach experts that take them (see
+        :meth:`enecg.experts.expert.Expert.forward`)."""
         kwargs = {}
+        for name, value in (("lead_mask", lead_mask), ("valid_samples", valid_samples)):
+            if value is not None and accepts_argument(self.expert, name):
+                kwargs[name] = value
         if demographics is not None and self.accepts_demographics:
             kwargs["demographics"] = demographics
         if window_mask is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,7 +18,8 @@ from torch import Tensor
 
 from enecg.contract import InputContract, apply_contract_records
 from enecg.data.rows import demographics_array
-from enecg.record import ECGRecord
+from enecg.leads import canonical_lead_name
+from enecg.record import ECGRecord, RecordError
 
 
 @dataclass
@@ -30,6 +32,12 @@ class EnsembleBatch:
         gate_input: windows for a signal gate (its contract), else None.
         demographics: ``(B, 2)`` (age years, sex 0/1), NaN where unknown.
         record_ids: ids of the records, in batch order.
+        lead_masks: expert name -> bool ``(B, leads)``; False where the record lacks a contract lead (zero-filled).
+        valid_samples: expert name -> int ``(B, n_windows)``; real samples per lead in each window.
+        available: bool ``(B, E)`` in the builder's expert order; False where an expert's contract refused the
+            record (too few leads, a required lead missing, too short): the gate routes it to the others.
+        refusals: expert name -> per record the reason it refused the record (None where it did not).
+        record_leads: per record, the leads it really has (canonical names, in its own order).
     """
 
     expert_inputs: dict[str, Tensor]
@@ -37,6 +45,21 @@ class EnsembleBatch:
     gate_input: Tensor | None
     demographics: Tensor
     record_ids: list[str] = field(default_factory=list)
+    lead_masks: dict[str, Tensor] = field(default_factory=dict)
+    valid_samples: dict[str, Tensor] = field(default_factory=dict)
+    available: Tensor | None = None
+    refusals: dict[str, list[str | None]] = field(default_factory=dict)
+    record_leads: list[list[str]] = field(default_factory=list)
+
+    def masks(self) -> dict[str, Any]:
+        """The keyword arguments :meth:`Ensemble.forward` / ``embed`` take from this batch (window, lead and
+        padding masks and expert availability)."""
+        return {
+            "window_masks": self.window_masks,
+            "lead_masks": self.lead_masks or None,
+            "valid_samples": self.valid_samples or None,
+            "available": self.available,
+        }
 
     def to(self, device: torch.device | str) -> EnsembleBatch:
         return EnsembleBatch(
@@ -45,6 +68,11 @@ class EnsembleBatch:
             gate_input=None if self.gate_input is None else self.gate_input.to(device),
             demographics=self.demographics.to(device),
             record_ids=list(self.record_ids),
+            lead_masks={k: v.to(device) for k, v in self.lead_masks.items()},
+            valid_samples={k: v.to(device) for k, v in self.valid_samples.items()},
+            available=None if self.available is None else self.available.to(device),
+            refusals={k: list(v) for k, v in self.refusals.items()},
+            record_leads=[list(leads) for leads in self.record_leads],
         )
 
 
@@ -54,13 +82,20 @@ class EnsembleInputBuilder:
     Args:
         contracts: expert name -> its input contract.
         gate_contract: the signal gate's contract, or None when the gate does not read the signal.
+        refuse_unreadable: raise :class:`~enecg.record.RecordError` for a record that no expert can read
+            (default). False: only mark it in ``available`` (the feature cache embeds expert by expert).
     """
 
     def __init__(
-        self, contracts: Mapping[str, InputContract], gate_contract: InputContract | None = None
+        self,
+        contracts: Mapping[str, InputContract],
+        gate_contract: InputContract | None = None,
+        *,
+        refuse_unreadable: bool = True,
     ) -> None:
         self.contracts = dict(contracts)
         self.gate_contract = gate_contract
+        self.refuse_unreadable = refuse_unreadable
 
     @classmethod
     def for_ensemble(cls, ensemble: torch.nn.Module) -> EnsembleInputBuilder:
@@ -79,14 +114,26 @@ class EnsembleInputBuilder:
         records = list(records)
         if not records:
             raise ValueError("an ensemble batch needs at least one record")
-        expert_inputs, window_masks = {}, {}
-        for name, contract in self.contracts.items():
-            stacked = apply_contract_records(records, contract)
+        expert_inputs, window_masks, lead_masks, valid_samples, refusals = {}, {}, {}, {}, {}
+        available = np.ones((len(records), len(self.contracts)), dtype=bool)
+        for e, (name, contract) in enumerate(self.contracts.items()):
+            stacked = apply_contract_records(records, contract, on_refusal="mark")
             expert_inputs[name] = torch.from_numpy(stacked.windows)
             window_masks[name] = torch.from_numpy(stacked.window_mask)
+            lead_masks[name] = torch.from_numpy(stacked.lead_mask)
+            valid_samples[name] = torch.from_numpy(stacked.valid_samples)
+            available[:, e] = stacked.available
+            refusals[name] = list(stacked.refusals)
+        unreadable = ~available.any(axis=1) if self.contracts and self.refuse_unreadable else []
+        for i in np.nonzero(unreadable)[0]:
+            # No expert can read this record: refuse it, naming the file and every expert's reason.
+            reasons = "; ".join(f"{name}: {refusals[name][i]}" for name in self.contracts)
+            raise RecordError(records[i].source, f"no expert of the ensemble can read this record ({reasons})")
         gate_input = None
         if self.gate_contract is not None:
-            gate_windows = apply_contract_records(records, self.gate_contract).windows
+            # A record the gate's contract cannot read (e.g. no lead II) gives the gate zeros; experts still decide
+            # what they can read through `available`.
+            gate_windows = apply_contract_records(records, self.gate_contract, on_refusal="mark").windows
             # The gate summarises one window per record: the first one.
             gate_input = torch.from_numpy(np.ascontiguousarray(gate_windows[:, 0]))
         return EnsembleBatch(
@@ -95,4 +142,9 @@ class EnsembleInputBuilder:
             gate_input=gate_input,
             demographics=torch.from_numpy(demographics_array(records)),
             record_ids=[r.record_id for r in records],
+            lead_masks=lead_masks,
+            valid_samples=valid_samples,
+            available=torch.from_numpy(available),
+            refusals=refusals,
+            record_leads=[[canonical_lead_name(str(lead)) for lead in r.leads] for r in records],
         )

@@ -178,14 +178,24 @@ class Ensemble(nn.Module):
         expert_inputs: Mapping[str, Tensor],
         demographics: Tensor | None = None,
         window_masks: Mapping[str, Tensor] | None = None,
+        *,
+        lead_masks: Mapping[str, Tensor] | None = None,
+        valid_samples: Mapping[str, Tensor] | None = None,
+        available: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """Every expert's embedding ``(B, D)`` of every record (what the feature cache stores)."""
+        """Every expert's embedding ``(B, D)`` of every record (what the feature cache stores): NaN rows where
+        ``available`` ``(B, E)`` says the expert cannot read the record (see :meth:`forward`)."""
         self._check_inputs(expert_inputs, from_embeddings=False)
-        masks = window_masks or {}
-        return {
-            name: self.branch(name).embed(expert_inputs[name], demographics, masks.get(name))
-            for name in self.expert_names
-        }
+        out = {}
+        for e, name in enumerate(self.expert_names):
+            emb = self.branch(name).embed(
+                expert_inputs[name], demographics, *_masks_of(name, window_masks, lead_masks, valid_samples)
+            )
+            if available is not None and not bool(available[:, e].all()):
+                unreadable = ~available[:, e].to(emb.device, torch.bool)
+                emb = emb.masked_fill(unreadable.unsqueeze(-1), float("nan"))
+            out[name] = emb
+        return out
 
     def forward(
         self,
@@ -197,6 +207,9 @@ class Ensemble(nn.Module):
         window_masks: Mapping[str, Tensor] | None = None,
         expert_logits: Mapping[str, Tensor] | None = None,
         use_gate: bool = True,
+        lead_masks: Mapping[str, Tensor] | None = None,
+        valid_samples: Mapping[str, Tensor] | None = None,
+        available: Tensor | None = None,
     ) -> EnsembleOutput:
         """Predict every task for a batch.
 
@@ -215,22 +228,33 @@ class Ensemble(nn.Module):
                 when an embedding gate needs them.
             use_gate: False: skip the gate, run every expert on every record and combine with equal weights
                 (the experts' own heads are then trained or read as if alone, e.g. in stage 1 of ``staged``).
+            lead_masks, valid_samples: expert name -> ``(B, leads)`` real leads / ``(B, n_windows)`` real samples
+                per lead, for experts that keep missing leads or padding out of their computation.
+            available: ``(B, E)`` bool, False where an expert cannot read a record (its contract refused it:
+                too few leads, too short). Such an expert does not run on the record, gets gate weight 0 (the
+                other experts' weights renormalise) and its prediction is missing (NaN). With
+                ``from_embeddings`` a NaN embedding row (what :meth:`embed` stores) means the same.
         """
         batch = self._check_inputs(expert_inputs, from_embeddings)
         if expert_logits is not None:
             self._check_expert_logits(expert_logits, batch)
-        masks = window_masks or {}
-        check_grad = self.training and self.config.lora.on_experts and torch.is_grad_enabled()
         device = next(iter(expert_inputs.values())).device
+        if from_embeddings:
+            expert_inputs, available = _readable_embeddings(expert_inputs, self.expert_names, available)
+        if available is not None:
+            available = available.to(device=device, dtype=torch.bool)
+            if bool(available.all()):
+                available = None
+        check_grad = self.training and self.config.lora.on_experts and torch.is_grad_enabled()
         # One draw from the global RNG seeds every branch's own dropout stream (see derived_seed): a branch's
         # randomness then does not depend on which other experts run before it.
         stream = int(torch.randint(0, 2**62, ())) if self.training else None
         kind = self.config.gate.input
         gate_out: GateOutput | None = None
         if kind == "uniform" or not use_gate:
-            gate_out = self.gate.uniform(batch, device)
+            gate_out = self.gate.uniform(batch, device, available)
         elif kind == "global":
-            gate_out = self.gate.global_weights(batch, device)
+            gate_out = self.gate.global_weights(batch, device, available)
         elif kind == "signal":
             if gate_input is None:
                 raise ValueError(
@@ -238,7 +262,7 @@ class Ensemble(nn.Module):
                 )
             if gate_input.shape[0] != batch:
                 raise ValueError(f"gate_input has {gate_input.shape[0]} records, expert inputs have {batch}")
-            gate_out = self.gate(gate_input)
+            gate_out = self.gate(gate_input, available)
 
         # Which records each expert must embed: the routed ones, all of them for an embedding gate, none when
         # given logits and the gate needs no embeddings.
@@ -248,6 +272,8 @@ class Ensemble(nn.Module):
             needed = gate_out.routed.any(dim=1)
         else:
             needed = torch.ones(batch, len(self.expert_names), dtype=torch.bool, device=device)
+            if available is not None:
+                needed = needed & available
         embeddings: dict[str, tuple[Tensor | None, Tensor]] = {}
         for e, name in enumerate(self.expert_names):
             rows = _rows(needed[:, e])
@@ -257,12 +283,13 @@ class Ensemble(nn.Module):
             if from_embeddings:
                 embeddings[name] = (rows, x)
             else:
-                demo, mask = demographics, masks.get(name)
+                demo = demographics
+                masks = _masks_of(name, window_masks, lead_masks, valid_samples)
                 if rows is not None:
                     demo = None if demo is None else demo.index_select(0, rows)
-                    mask = None if mask is None else mask.index_select(0, rows)
+                    masks = [None if m is None else m.index_select(0, rows) for m in masks]
                 with _branch_stream(stream, name, "embed", device):
-                    emb = self.branch(name).embed(x, demo, mask)
+                    emb = self.branch(name).embed(x, demo, *masks)
                 if check_grad and not emb.requires_grad:
                     raise RuntimeError(
                         f"expert {name!r} returned an embedding without gradient although its layers carry LoRA "
@@ -270,8 +297,16 @@ class Ensemble(nn.Module):
                     )
                 embeddings[name] = (rows, emb)
 
-        if gate_out is None:  # embedding gate: every expert ran on every record
-            gate_out = self.gate([embeddings[name][1] for name in self.expert_names])
+        if gate_out is None:  # embedding gate: every expert ran on every record it can read (zeros elsewhere)
+            gate_out = self.gate(
+                [
+                    _scatter(embeddings[name][1], embeddings[name][0], batch)
+                    if name in embeddings
+                    else torch.zeros(batch, self.gate.embedding_dims[e], device=device)
+                    for e, name in enumerate(self.expert_names)
+                ],
+                available,
+            )
         routed_any = gate_out.routed.any(dim=1)
 
         per_expert: list[dict[str, Tensor]] = []  # full-batch per-task logits (zeros where not routed)
@@ -656,6 +691,29 @@ def seed_rng(seed: int, device: torch.device | None = None) -> None:
     if device is not None and device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         torch.cuda.default_generators[index].manual_seed(seed)
+
+
+def _masks_of(
+    name: str,
+    window_masks: Mapping[str, Tensor] | None,
+    lead_masks: Mapping[str, Tensor] | None,
+    valid_samples: Mapping[str, Tensor] | None,
+) -> list[Tensor | None]:
+    """One expert's ``[window_mask, lead_mask, valid_samples]`` (None where not given)."""
+    return [None if masks is None else masks.get(name) for masks in (window_masks, lead_masks, valid_samples)]
+
+
+def _readable_embeddings(
+    embeddings: Mapping[str, Tensor], names: list[str], available: Tensor | None
+) -> tuple[dict[str, Tensor], Tensor | None]:
+    """Cached embeddings with NaN rows (records an expert cannot read) zeroed, and ``available`` narrowed to the
+    finite rows."""
+    finite = torch.stack([torch.isfinite(embeddings[n]).all(dim=-1) for n in names], dim=1)
+    if bool(finite.all()):
+        return dict(embeddings), available
+    cleaned = {n: torch.nan_to_num(embeddings[n], nan=0.0) for n in names}
+    readable = finite if available is None else finite & available.to(finite.device, torch.bool)
+    return cleaned, readable
 
 
 def _rows(mask: Tensor) -> Tensor | None:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from enecg.ensemble.config import EnsembleConfig, TaskConfig
-from enecg.ensemble.inputs import EnsembleInputBuilder
+from enecg.ensemble.inputs import EnsembleBatch, EnsembleInputBuilder
 from enecg.ensemble.model import Ensemble
 from enecg.io import read_record
 from enecg.record import ECGRecord
@@ -72,19 +72,43 @@ class TaskPrediction:
 
 
 @dataclass
+class ExpertInput:
+    """What one expert really saw of one record."""
+
+    zero_filled_leads: list[str] = field(
+        default_factory=list, metadata={"help": "Leads of the expert's contract the record lacks (zero-filled)."}
+    )
+    refused: str | None = field(
+        default=None,
+        metadata={"help": "Why the expert could not read the record (it then had no say); None if it could."},
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"zero_filled_leads": list(self.zero_filled_leads), "refused": self.refused}
+
+
+@dataclass
 class RecordPrediction:
-    """The ensemble's output for one record: ``tasks`` maps task name -> :class:`TaskPrediction`."""
+    """The ensemble's output for one record: ``tasks`` maps task name -> :class:`TaskPrediction`; ``leads`` are
+    the leads the record really has and ``inputs`` what each expert saw of them."""
 
     record_id: str
     tasks: dict[str, TaskPrediction]
+    leads: list[str] = field(default_factory=list)
+    inputs: dict[str, ExpertInput] = field(default_factory=dict)
 
     def predictions(self) -> dict[str, Value]:
         """Only the combined predictions: task -> {label: probability} (or value)."""
         return {name: task.prediction for name, task in self.tasks.items()}
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: ``{"record_id": ..., "tasks": {task: {...}}}``."""
-        return {"record_id": self.record_id, "tasks": {n: t.to_dict() for n, t in self.tasks.items()}}
+        """JSON-ready: ``{"record_id", "leads", "inputs": {expert: {...}}, "tasks": {task: {...}}}``."""
+        return {
+            "record_id": self.record_id,
+            "leads": list(self.leads),
+            "inputs": {name: info.to_dict() for name, info in self.inputs.items()},
+            "tasks": {n: t.to_dict() for n, t in self.tasks.items()},
+        }
 
 
 def check_thresholds(
@@ -159,9 +183,13 @@ def predict_records(
                     batch.expert_inputs,
                     batch.gate_input,
                     batch.demographics,
-                    window_masks=batch.window_masks,
+                    **batch.masks(),
                 )
-                results.extend(_explain(ensemble, output, batch.record_ids, thresholds))
+                explained = _explain(ensemble, output, batch.record_ids, thresholds)
+                for i, prediction in enumerate(explained):
+                    prediction.leads = list(batch.record_leads[i])
+                    prediction.inputs = _inputs_seen(builder, batch, i)
+                results.extend(explained)
     finally:
         ensemble.train(was_training)
     return results
@@ -206,6 +234,19 @@ def _explain(
     return [RecordPrediction(record_id=rid, tasks=tasks) for rid, tasks in zip(record_ids, per_record)]
 
 
+def _inputs_seen(builder: EnsembleInputBuilder, batch: EnsembleBatch, i: int) -> dict[str, ExpertInput]:
+    """Per expert: the contract leads record ``i`` lacks (zero-filled), or why the expert refused it."""
+    out = {}
+    for name, contract in builder.contracts.items():
+        refused = batch.refusals.get(name, [None] * (i + 1))[i]
+        lead_mask = batch.lead_masks.get(name)
+        missing: list[str] = []
+        if refused is None and lead_mask is not None and contract.leads is not None:
+            missing = [lead for lead, real in zip(contract.leads, lead_mask[i].tolist()) if not real]
+        out[name] = ExpertInput(zero_filled_leads=missing, refused=refused)
+    return out
+
+
 def _value(
     values: torch.Tensor, labels: list[str], task_type: str, allow_missing: bool = False
 ) -> Value | None:
@@ -220,4 +261,4 @@ def _value(
     return dict(zip(labels, flat, strict=True))
 
 
-__all__ = ["RecordPrediction", "TaskPrediction", "check_thresholds", "output_labels", "predict_records"]
+__all__ = ["ExpertInput", "RecordPrediction", "TaskPrediction", "check_thresholds", "output_labels", "predict_records"]

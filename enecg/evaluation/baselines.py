@@ -260,15 +260,38 @@ def fit_baselines(
         name: {split: {} for split in evaluated} for name in [*map(probe_name, experts), STACKER]
     }
     details: dict[str, Any] = {"probe_C": PROBE_C, "stacker_C": STACKER_C, "stacker_folds": folds, "tasks": {}}
+    # A NaN embedding row is a record that expert could not read (its contract refused it): the baselines are
+    # fitted on the records every expert read, and predict NaN (no prediction) where their inputs are missing.
+    train_x, train_readable = _readable_embeddings(train.embeddings)
     for task in tasks:
-        y = train.labels[task.name]
-        probes = {e: LinearProbe(task).fit(train.embeddings[e], y) for e in experts}
-        oof = out_of_fold_scores(task, train.embeddings, y, train.patient_ids, folds=folds, seed=seed)
+        y = _unset_rows(train.labels[task.name], ~train_readable.all(axis=1))
+        probes = {e: LinearProbe(task).fit(train_x[e], y) for e in experts}
+        oof = out_of_fold_scores(task, train_x, y, train.patient_ids, folds=folds, seed=seed)
         stacker = Stacker(task).fit([oof[e] for e in experts], y)
         for split, features in evaluated.items():
-            scores = [probes[e].scores(features.embeddings[e]) for e in experts]
-            for e, s in zip(experts, scores):
-                predictions[probe_name(e)][split][task.name] = scores_to_predictions(task, s)
-            predictions[STACKER][split][task.name] = stacker.predict(scores)
+            x, readable = _readable_embeddings(features.embeddings)
+            scores = [probes[e].scores(x[e]) for e in experts]
+            for i, (e, s) in enumerate(zip(experts, scores)):
+                predictions[probe_name(e)][split][task.name] = _unset_rows(
+                    scores_to_predictions(task, s), ~readable[:, i]
+                )
+            predictions[STACKER][split][task.name] = _unset_rows(
+                stacker.predict(scores), ~readable.all(axis=1)
+            )
         details["tasks"][task.name] = {"stacker_coefficients": stacker.coefficients(), "features": experts}
     return predictions, details
+
+
+def _readable_embeddings(embeddings: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Embeddings with NaN rows zeroed, and ``(N, E)`` bool: True where the expert read the record."""
+    readable = np.stack([np.isfinite(v).all(axis=1) for v in embeddings.values()], axis=1)
+    return {e: np.nan_to_num(v) for e, v in embeddings.items()}, readable
+
+
+def _unset_rows(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``values`` (as float) with NaN in ``rows`` (labels: unlabelled; predictions: missing)."""
+    if not rows.any():
+        return values
+    values = np.asarray(values, dtype=np.float64).copy()
+    values[rows] = np.nan
+    return values

@@ -150,7 +150,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument(
         "--json",
         action="store_true",
-        help="Print a JSON list: per record and task the prediction, each expert's, gate weights.",
+        help="Print a JSON list: per record its real leads, what each expert saw, and per task the prediction, "
+        "each expert's and the gate weights.",
+    )
+    predict.add_argument(
+        "--lead-alias",
+        action="append",
+        default=None,
+        metavar="FROM=TO",
+        help="Let a record lead serve as another, e.g. MLII=II for a Holter's modified lead II (repeatable; "
+        "off by default: MLII is not lead II).",
     )
     _add_model_options(predict)
     predict.set_defaults(func=run_predict)
@@ -255,7 +264,7 @@ def _interval(ci: Any) -> str:
 
 
 def _predict_each(
-    ensemble: Any, paths: list[str], batch_size: int
+    ensemble: Any, paths: list[str], batch_size: int, lead_aliases: dict[str, str] | None = None
 ) -> list[tuple[str, Any, str | None]]:
     """``(path, prediction or None, error line or None)`` per record, in order: a bad record costs only itself.
 
@@ -271,7 +280,8 @@ def _predict_each(
     loaded: list[tuple[int, Any]] = []
     for i, path in enumerate(paths):
         try:
-            loaded.append((i, read_record(path)))
+            record = read_record(path)
+            loaded.append((i, record.with_lead_aliases(lead_aliases) if lead_aliases else record))
         except RecordError as exc:
             outcome[i] = (None, str(exc))
     try:
@@ -290,8 +300,15 @@ def _predict_each(
 def run_predict(args: argparse.Namespace) -> int:
     """Predict each record; a record that cannot be read or predicted gets one error line (stderr) and the others
     are still predicted and printed. Exit status 2 when any record failed."""
+    from enecg.leads import parse_lead_aliases
+
+    try:
+        aliases = parse_lead_aliases(args.lead_alias)
+    except ValueError as exc:
+        print(f"enecg: error: {exc}", file=sys.stderr)
+        return 2
     ensemble = _load_model(args)
-    outcomes = _predict_each(ensemble, list(args.records), args.batch_size)
+    outcomes = _predict_each(ensemble, list(args.records), args.batch_size, aliases)
     failed = [(path, error) for path, _, error in outcomes if error is not None]
     for _, error in failed:
         print(f"enecg: error: {error}", file=sys.stderr)
@@ -314,7 +331,12 @@ def run_predict(args: argparse.Namespace) -> int:
         if error is not None:
             print(f"{path}: ERROR {error}")
             continue
-        print(f"{result.record_id} ({path})")
+        print(f"{result.record_id} ({path}): leads {', '.join(result.leads)}")
+        for expert, seen in result.inputs.items():
+            if seen.refused:
+                print(f"  {expert}: not used, cannot read this record ({seen.refused})")
+            elif seen.zero_filled_leads:
+                print(f"  {expert}: zero-filled missing leads {', '.join(seen.zero_filled_leads)}")
         for name, task in result.tasks.items():
             print(
                 f"  {name}: {_describe_value(task.prediction)}"
@@ -326,7 +348,13 @@ def run_predict(args: argparse.Namespace) -> int:
                 + (f"  -> {task.predicted_label}" if task.predicted_label else "")
             )
             for expert, weight in task.gate_weights.items():
-                print(f"    {expert} (gate {weight:.2f}): {_describe_value(task.experts.get(expert))}")
+                seen = result.inputs.get(expert)
+                value = (
+                    "not used (cannot read this record)"
+                    if seen is not None and seen.refused
+                    else _describe_value(task.experts.get(expert))
+                )
+                print(f"    {expert} (gate {weight:.2f}): {value}")
     return 2 if failed else 0
 
 

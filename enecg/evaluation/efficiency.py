@@ -270,7 +270,7 @@ def measured_model(kind: str, folder: str | os.PathLike) -> MeasuredModel:
 
         def ensemble_forward(model: torch.nn.Module, batch: Any) -> Any:
             return model(
-                batch.expert_inputs, batch.gate_input, batch.demographics, window_masks=batch.window_masks
+                batch.expert_inputs, batch.gate_input, batch.demographics, **batch.masks()
             )
 
         return MeasuredModel(load_ensemble, ensemble_inputs, ensemble_forward)

@@ -67,6 +67,13 @@ def paired_difference(
     pred_b = np.asarray(pred_b, dtype=float)
     if not len(y_true) == len(pred_a) == len(pred_b):
         raise ValueError(f"{len(y_true)} labels, {len(pred_a)} and {len(pred_b)} predictions: not paired")
+    # Compared on the records both models predicted (an expert or baseline has no prediction where it could not
+    # read a record): the others count as unlabelled, so the patients still resample together.
+    missing = ~(_finite_rows(pred_a) & _finite_rows(pred_b))
+    if missing.any():
+        y_true = y_true.copy()
+        y_true[missing] = np.nan
+        pred_a, pred_b = np.nan_to_num(pred_a), np.nan_to_num(pred_b)
 
     def difference(idx: np.ndarray) -> float:
         return headline_value(task_type, y_true[idx], pred_a[idx]) - headline_value(
@@ -92,4 +99,9 @@ def paired_difference(
         "ci": [low, high],
         "better": better,
         "n_resamples": bootstrap.n_resamples,
+        "n_compared": int((~missing).sum()),
     }
+
+
+def _finite_rows(values: np.ndarray) -> np.ndarray:
+    return np.isfinite(values.reshape(len(values), -1)).all(axis=1)

@@ -11,7 +11,8 @@ The evaluation dictionary rendered here has this shape (every key but ``tasks`` 
       "baseline_details": {"best_single_expert": {task: expert}, "fitted": {...}},
       "cross_dataset": {name: {task: <evaluate_task result>}},    # same model on another source
       "gate": {"mean_weights": {task: {expert: float}}},
-      "examples": [{"record_id": str, "image": relpath, "labels": {task: ...},
+      "lead_coverage": {"lead_sets": {"I, II, ...": n_records}, "unreadable_records": {expert: n}},
+      "examples": [{"record_id": str, "leads": [str], "image": relpath, "labels": {task: ...},
                     "predictions": {task: {label: float}}, "gate": {task: {expert: float}},
                     "expert_predictions": {task: {expert: {label: float}}}}],
       "figures": [{"path": relpath, "caption": str, "section": str}],
@@ -140,8 +141,17 @@ _TEMPLATE = """<!doctype html>
 <tr><td>{{ src }}</td><td>{{ t }}</td><td>{{ h[0] }} {{ fmt(h[1]) }} <small>{{ fmt_ci(h[2]) }}</small></td></tr>{% endfor %}{% endfor %}</table>
 {% endif %}
 
+{% if ev.lead_coverage %}<h2>Leads</h2>
+<p>The leads the test records really had (a lead an expert's contract needs but a record lacks is zero-filled, or
+ the expert cannot read the record and has no say in its prediction).</p>
+<table><tr><th>real leads</th><th>records</th></tr>
+{% for leads, n in ev.lead_coverage.lead_sets.items() %}<tr><td>{{ leads }}</td><td>{{ n }}</td></tr>{% endfor %}</table>
+<table><tr><th>expert</th><th>records it could not read</th></tr>
+{% for e, n in ev.lead_coverage.unreadable_records.items() %}<tr><td>{{ e }}</td><td>{{ n }}</td></tr>{% endfor %}</table>
+{% endif %}
+
 {% if ev.examples %}<h2>Example records</h2>
-{% for ex in ev.examples %}<h3>{{ ex.record_id }}</h3>
+{% for ex in ev.examples %}<h3>{{ ex.record_id }}{% if ex.leads %} <small>(leads {{ ex.leads|join(", ") }})</small>{% endif %}</h3>
 <figure class="ecg"><img src="{{ ex.image }}" alt="12-lead ECG {{ ex.record_id }}"></figure>
 <table><tr><th>task</th><th>label</th><th>ensemble</th>{% for e in gate_experts %}<th>{{ e }}</th>{% endfor %}<th>truth</th></tr>
 {% for t, preds in ex.predictions.items() %}{% for label, p in preds.items() %}<tr><td>{{ t }}</td><td>{{ label }}</td><td>{{ fmt(p) }}</td>

@@ -75,6 +75,12 @@ class SplitPredictions:
     expert_predictions: dict[str, np.ndarray] = field(default_factory=dict, metadata={"help": "(N, E, ...)"})
     uniform_predictions: dict[str, np.ndarray] = field(default_factory=dict, metadata={"help": "(N, ...)"})
     gate_weights: dict[str, np.ndarray] = field(default_factory=dict, metadata={"help": "(N, E)"})
+    record_leads: list[list[str]] = field(
+        default_factory=list, metadata={"help": "per record, the leads it really has"}
+    )
+    readable: np.ndarray | None = field(
+        default=None, metadata={"help": "(N, E) bool: False where an expert's contract refused the record"}
+    )
 
     def __len__(self) -> int:
         return len(self.record_ids)
@@ -97,7 +103,7 @@ def _expert_and_uniform_logits(
     if ensemble.combine_embeddings:
         # An expert alone = the shared head on that expert's projection; the uniform baseline = the shared head on
         # the mean projection.
-        embeddings = ensemble.embed(batch.expert_inputs, batch.demographics, batch.window_masks)
+        embeddings = ensemble.embed(batch.expert_inputs, batch.demographics, **batch.masks())
         projections = [ensemble.branch(n).project(embeddings[n]) for n in names]
         mean_projection = torch.stack(projections, dim=1).mean(dim=1)
         expert_logits = {
@@ -109,14 +115,19 @@ def _expert_and_uniform_logits(
             output.expert_logits
         )  # dense routing: forward already ran every expert on every record
     else:
-        embeddings = ensemble.embed(batch.expert_inputs, batch.demographics, batch.window_masks)
+        embeddings = ensemble.embed(batch.expert_inputs, batch.demographics, **batch.masks())
         per_expert = [ensemble.branch(n).head_logits(embeddings[n]) for n in names]
         expert_logits = {t: torch.stack([p[t] for p in per_expert], dim=1) for t in ensemble.tasks}
     n_records, n_experts = output.routed.shape
-    weights = torch.full((n_records, n_experts), 1.0 / n_experts, device=output.routed.device)
+    readable = torch.ones(n_records, n_experts, dtype=torch.bool, device=output.routed.device)
+    if batch.available is not None:
+        readable = batch.available.to(readable.device, torch.bool)
+    # The plain average of the experts that can read each record (an expert that cannot has a NaN prediction).
+    weights = readable.float() / readable.sum(dim=1, keepdim=True).clamp(min=1)
     mix = ensemble.config.gate.mix
     uniform = {
-        t: task.combine(expert_logits[t], weights, weights.log(), mix) for t, task in ensemble.tasks.items()
+        t: task.combine(torch.nan_to_num(expert_logits[t]), weights, weights.log(), mix)
+        for t, task in ensemble.tasks.items()
     }
     return expert_logits, uniform
 
@@ -157,6 +168,7 @@ def collect_predictions(
         k: {} for k in ("labels", "predictions", "expert_predictions", "uniform_predictions", "gate_weights")
     }
     out = SplitPredictions()
+    readable: list[np.ndarray] = []
     was_training = ensemble.training
     ensemble.eval()
     try:
@@ -167,7 +179,7 @@ def collect_predictions(
             records = [row_to_record(row) for row in rows]
             batch = builder(records).to(device)
             output = ensemble(
-                batch.expert_inputs, batch.gate_input, batch.demographics, window_masks=batch.window_masks
+                batch.expert_inputs, batch.gate_input, batch.demographics, **batch.masks()
             )
             expert_logits, uniform = _expert_and_uniform_logits(ensemble, batch, output)
             for name, task in ensemble.tasks.items():
@@ -179,11 +191,31 @@ def collect_predictions(
                 chunks["labels"].setdefault(name, []).append(values)
             out.record_ids.extend(str(r.record_id) for r in records)
             out.patient_ids.extend(str(r.patient_id) for r in records)
+            out.record_leads.extend(list(leads) for leads in batch.record_leads)
+            readable.append(batch.available.cpu().numpy())
     finally:
         ensemble.train(was_training)
     for key, per_task in chunks.items():
         setattr(out, key, {name: np.concatenate(parts, axis=0) for name, parts in per_task.items()})
+    out.readable = np.concatenate(readable, axis=0) if readable else None
     return out
+
+
+def lead_coverage(predictions: SplitPredictions, expert_names: Sequence[str]) -> dict[str, Any]:
+    """How many records had each set of real leads, and how many each expert could not read (and so had no say
+    in): the report's statement of what the model really saw."""
+    sets: dict[str, int] = {}
+    for leads in predictions.record_leads:
+        key = ", ".join(leads)
+        sets[key] = sets.get(key, 0) + 1
+    readable = predictions.readable
+    unreadable = {
+        name: (0 if readable is None else int((~readable[:, e]).sum())) for e, name in enumerate(expert_names)
+    }
+    return {
+        "lead_sets": dict(sorted(sets.items(), key=lambda kv: -kv[1])),
+        "unreadable_records": unreadable,
+    }
 
 
 def _append(store: dict[str, list[np.ndarray]], name: str, tensor: Tensor) -> None:
@@ -269,6 +301,17 @@ def with_ci_mapping(result: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def _readable_rows(labels: np.ndarray, predictions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Labels unset (NaN) where the predictions are missing: an expert is scored on the records it could read
+    (its contract refused the others), never on a filled-in value."""
+    missing = np.isnan(predictions.reshape(len(predictions), -1)).any(axis=1)
+    if not missing.any():
+        return labels, predictions
+    labels = labels.astype(np.float64, copy=True)
+    labels[missing] = np.nan
+    return labels, np.nan_to_num(predictions)
+
+
 def _evaluate_rows(
     *,
     tasks: Sequence[TaskInfo],
@@ -280,18 +323,21 @@ def _evaluate_rows(
 ) -> dict[str, Any]:
     """Task -> evaluation of one row of the report (the ensemble, an expert, a baseline): the predictions
     ``pick(split, task)`` on the test split, thresholds and temperature fitted on ``pick(val, task)``."""
-    return {
-        task.name: _evaluate_arrays(
+    out = {}
+    for task in tasks:
+        predictions = pick(test, task.name)
+        result = _evaluate_arrays(
             task,
-            test.labels[task.name],
-            pick(test, task.name),
-            None if val is None else (val.labels[task.name], pick(val, task.name)),
+            *_readable_rows(test.labels[task.name], predictions),
+            None if val is None else _readable_rows(val.labels[task.name], pick(val, task.name)),
             test.patient_ids,
             operating_point,
             bootstrap,
         )
-        for task in tasks
-    }
+        # Records with a prediction (fewer than n_records where an expert could not read some records).
+        result["n_predicted"] = int(np.isfinite(predictions.reshape(len(predictions), -1)).all(axis=1).sum())
+        out[task.name] = result
+    return out
 
 
 def evaluate_ensemble(
@@ -481,6 +527,7 @@ def evaluate_ensemble(
         "cross_dataset_plans": cross_plans,
         "examples": examples,
         "figures": figures,
+        "lead_coverage": lead_coverage(test, ensemble.expert_names),
     }
     evaluation = _jsonable(evaluation)
     write_report(evaluation, out_dir)
@@ -627,6 +674,7 @@ def _examples(
         example: dict[str, Any] = {
             "record_id": record.record_id,
             "patient_id": record.patient_id,
+            "leads": list(test.record_leads[i]) if test.record_leads else list(record.leads),
             "labels": {},
             "predictions": {},
             "expert_predictions": {},

@@ -43,11 +43,14 @@ class PreparedBatch:
             records with fewer windows than the longest are padded with all-zero windows.
         window_mask: bool ``(B, n_windows)``: False for padding windows (excluded from aggregation).
         lead_mask: bool ``(B, leads)``: False where a contract lead was missing from the record and zero-filled.
+        valid_samples: int ``(B, n_windows)``: real samples per lead in each window (end padding of short
+            records excluded).
     """
 
     windows: torch.Tensor
     window_mask: torch.Tensor
     lead_mask: torch.Tensor
+    valid_samples: torch.Tensor | None = None
 
 
 class Expert(nn.Module):
@@ -194,6 +197,7 @@ class Expert(nn.Module):
             windows=torch.from_numpy(stacked.windows),
             window_mask=torch.from_numpy(stacked.window_mask),
             lead_mask=torch.from_numpy(stacked.lead_mask),
+            valid_samples=torch.from_numpy(stacked.valid_samples),
         )
 
     @property
@@ -207,13 +211,19 @@ class Expert(nn.Module):
         windows: torch.Tensor,
         window_mask: torch.Tensor | None = None,
         demographics: torch.Tensor | None = None,
+        lead_mask: torch.Tensor | None = None,
+        valid_samples: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Embed prepared windows ``(B, n_windows, ...)`` -> ``(B, embedding_dim)``.
 
         Every window goes through ``family.embed`` in one batch of ``B * n_windows``; the windows of a record are
         then combined with the contract's aggregation (mean or max), skipping windows where ``window_mask`` is
         False. ``demographics`` ``(B, 2)`` = (age years, sex 0/1, NaN unknown) reach experts that fuse them; other
-        experts ignore them. A frozen expert runs under ``torch.no_grad()``."""
+        experts ignore them. ``lead_mask`` ``(B, leads)`` (False: zero-filled missing lead) and ``valid_samples``
+        ``(B, n_windows)`` (real samples per lead) reach families that can keep missing leads / end padding out
+        of their computation (:attr:`~enecg.experts.family.ExpertFamily.masks_missing_leads`, ``masks_padding``);
+        other families see the zero-filled, zero-padded windows as the contract made them. A frozen expert runs
+        under ``torch.no_grad()``."""
         if windows.ndim < 3:
             raise ValueError(
                 f"{self.name}: forward expects prepared windows (B, n_windows, ...), got shape {tuple(windows.shape)}"
@@ -230,8 +240,13 @@ class Expert(nn.Module):
             # Every window of a record carries that record's demographics.
             demographics = demographics.to(windows.device, windows.dtype)
             extra["demographics"] = demographics.repeat_interleave(n_windows, dim=0)
+        flat_windows = windows.reshape(batch * n_windows, *windows.shape[2:])
+        extra.update(self._mask_arguments(flat_windows, n_windows, lead_mask, valid_samples))
+        if "valid_samples" in extra and self.contract.layout == "concat_leads":
+            # Hand the family whole leads, so it can cut each lead's padding (lead after lead is C order).
+            flat_windows = flat_windows.reshape(batch * n_windows, -1, self.contract.length)
         with self._grad_context():
-            flat = self.family.embed(self.model, windows.reshape(batch * n_windows, *windows.shape[2:]), **extra)
+            flat = self.family.embed(self.model, flat_windows, **extra)
             if flat.shape != (batch * n_windows, self.embedding_dim):
                 raise RuntimeError(
                     f"{self.name}: family {self.spec.family!r} embed returned shape {tuple(flat.shape)}, expected "
@@ -239,6 +254,29 @@ class Expert(nn.Module):
                 )
             per_window = flat.reshape(batch, n_windows, self.embedding_dim)
             return _aggregate(per_window, window_mask, self.contract.aggregation)
+
+    def _mask_arguments(
+        self,
+        flat_windows: torch.Tensor,
+        n_windows: int,
+        lead_mask: torch.Tensor | None,
+        valid_samples: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
+        """Per-window ``lead_mask`` / ``valid_samples`` for a family that uses them, only when something is
+        actually missing or padded (full records take the family's plain, official path)."""
+        out: dict[str, torch.Tensor] = {}
+        device = flat_windows.device
+        if lead_mask is not None and self.family.masks_missing_leads and not bool(lead_mask.all()):
+            out["lead_mask"] = lead_mask.to(device=device, dtype=torch.bool).repeat_interleave(n_windows, dim=0)
+        length = self.contract.length
+        if (
+            valid_samples is not None
+            and self.family.masks_padding
+            and length is not None
+            and bool((valid_samples < length).any())
+        ):
+            out["valid_samples"] = valid_samples.to(device=device, dtype=torch.long).reshape(-1)
+        return out
 
     def embed(self, inputs: ECGRecord | Sequence[ECGRecord] | torch.Tensor | np.ndarray) -> torch.Tensor:
         """Embeddings ``(B, D)`` of records (contract applied) or of already prepared windows, under no_grad."""
@@ -250,7 +288,9 @@ class Expert(nn.Module):
             demographics = None
             if self.uses_demographics:
                 demographics = torch.from_numpy(demographics_array(records))
-            return self.forward(batch.windows, batch.window_mask, demographics)
+            return self.forward(
+                batch.windows, batch.window_mask, demographics, batch.lead_mask, batch.valid_samples
+            )
 
     def official_forward(self, x: torch.Tensor, **kwargs: Any) -> Any:
         """The official model's raw forward on model-layout input (for parity tests), via the family."""

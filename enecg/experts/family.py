@@ -22,6 +22,12 @@ class ExpertFamily(ABC):
     """One architecture family. Stateless: methods take the config / module they work on."""
 
     name: ClassVar[str]
+    #: ``embed`` takes ``lead_mask`` ``(B, leads)`` bool (False: a zero-filled missing lead) and keeps missing
+    #: leads out of the model's computation (channel-independent models pool over the real leads only).
+    masks_missing_leads: ClassVar[bool] = False
+    #: ``embed`` takes ``valid_samples`` ``(B,)`` int (real samples per lead; the rest is end padding) and keeps
+    #: padding out of normalisation, attention and pooling.
+    masks_padding: ClassVar[bool] = False
 
     @abstractmethod
     def build(self, config: dict[str, Any]) -> nn.Module:
@@ -39,7 +45,10 @@ class ExpertFamily(ABC):
     @abstractmethod
     def embed(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Pooled embedding ``(B, D)`` of contract-prepared windows ``x`` (``(B, leads, length)`` or
-        ``(B, leads*length)`` for ``concat_leads`` contracts), exactly as the official code pools."""
+        ``(B, leads*length)`` for ``concat_leads`` contracts), exactly as the official code pools.
+
+        Families that set :attr:`masks_missing_leads` / :attr:`masks_padding` also take the keyword arguments
+        ``lead_mask`` / ``valid_samples`` (None: everything is real)."""
 
     @abstractmethod
     def embedding_dim(self, config: dict[str, Any]) -> int:

@@ -342,6 +342,10 @@ def contract_summary(contract: InputContract) -> str:
         parts.append("leads " + ",".join(contract.leads))
     else:
         parts.append(f"{len(contract.leads)} leads")
+    if contract.leads is not None and (contract.min_leads or 1) > 1:
+        parts.append(f"needs {contract.min_leads}")
+    if contract.required_leads:
+        parts.append("requires " + ",".join(contract.required_leads))
     if contract.length:
         parts.append(f"{contract.length} samples")
         if contract.long_records == "segments":

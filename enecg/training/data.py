@@ -178,6 +178,9 @@ class RecordBatches:
             "index": torch.as_tensor(list(indices), dtype=torch.long),
             "expert_inputs": prepared.expert_inputs,
             "window_masks": prepared.window_masks,
+            "lead_masks": prepared.lead_masks,
+            "valid_samples": prepared.valid_samples,
+            "available": prepared.available,
             "demographics": prepared.demographics,
             "labels": {k: torch.from_numpy(v) for k, v in label_arrays(rows, self.tasks).items()},
         }

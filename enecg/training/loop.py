@@ -781,6 +781,9 @@ def forward_batch(
         batch["demographics"],
         from_embeddings=from_embeddings,
         window_masks=batch.get("window_masks"),
+        lead_masks=batch.get("lead_masks"),
+        valid_samples=batch.get("valid_samples"),
+        available=batch.get("available"),
         expert_logits=batch.get("expert_logits"),
         use_gate=use_gate,
     )

@@ -134,6 +134,7 @@ class HubertECGFamily(ExpertFamily):
     """HuBERT-ECG: ``HubertModel`` + pretraining heads; embedding = frame-mean of the last hidden state."""
 
     name = "hubert_ecg"
+    masks_padding = True
 
     def build(self, config: dict[str, Any]) -> HuBERTECG:
         """Build from a published ``config.json`` dict. ``ensemble_length`` and ``vocab_sizes`` must come from the
@@ -179,9 +180,28 @@ class HubertECGFamily(ExpertFamily):
                 return folder / name
         return None
 
-    def embed(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """``(B, leads*L)`` or ``(B, leads, L)`` -> ``(B, hidden_size)``: frame-mean of ``last_hidden_state``."""
-        return self.official_forward(model, _flatten_lead_major(x)).last_hidden_state.mean(dim=1)
+    def embed(
+        self, model: nn.Module, x: torch.Tensor, valid_samples: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``(B, leads*L)`` or ``(B, leads, L)`` -> ``(B, hidden_size)``: frame-mean of ``last_hidden_state``.
+
+        ``valid_samples`` (B,), with ``(B, leads, L)`` input: real samples per lead. A record with ``n < L`` runs
+        as the official code runs a short record: its leads' ``n`` real samples concatenated lead after lead,
+        with no padding at all (the feature extractor's GroupNorm normalises over the whole sequence, so padding
+        could not be masked out of it; an attention mask alone would leave it there). Records of equal ``n``
+        run together."""
+        if valid_samples is None:
+            return self.official_forward(model, _flatten_lead_major(x)).last_hidden_state.mean(dim=1)
+        if x.ndim != 3:
+            raise ValueError(f"HuBERT-ECG: valid_samples needs (B, leads, L) input, got shape {tuple(x.shape)}")
+        valid = valid_samples.to("cpu").long()
+        out = x.new_empty(x.shape[0], int(model.config.hidden_size))
+        for n in torch.unique(valid).tolist():
+            rows = torch.nonzero(valid == n).flatten().to(x.device)
+            part = x.index_select(0, rows)[..., : int(n)]
+            pooled = self.official_forward(model, _flatten_lead_major(part)).last_hidden_state.mean(dim=1)
+            out[rows] = pooled.to(out.dtype)
+        return out
 
     def embedding_dim(self, config: dict[str, Any]) -> int:
         return int(config["hidden_size"])

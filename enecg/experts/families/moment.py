@@ -237,10 +237,18 @@ class MomentModel(nn.Module):
         return input_mask.to(device=x_enc.device, dtype=x_enc.dtype)
 
     def embed(
-        self, x_enc: torch.Tensor, input_mask: torch.Tensor | None = None, reduction: str = "mean"
+        self,
+        x_enc: torch.Tensor,
+        input_mask: torch.Tensor | None = None,
+        reduction: str = "mean",
+        channel_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Official ``embed``: ``reduction="mean"`` -> (B, d) (mean over channels, then over fully observed
-        patches); ``"none"`` -> (B, C, N, d)."""
+        patches); ``"none"`` -> (B, C, N, d).
+
+        ``channel_mask`` (B, C) bool (enecg's addition; None = all real) restricts the channel mean to the real
+        channels. Channels are encoded independently, so the result equals the official embedding of the real
+        channels alone."""
         input_mask = self._default_mask(x_enc, input_mask)
         normalised, _, _ = self.normalizer.normalize(x_enc, input_mask)
         normalised = torch.nan_to_num(normalised, nan=0.0, posinf=0.0, neginf=0.0)
@@ -249,7 +257,13 @@ class MomentModel(nn.Module):
             return hidden
         if reduction != "mean":
             raise ValueError(f"MOMENT embed: reduction {reduction!r} not supported ('mean' or 'none')")
-        per_patch = hidden.mean(dim=1)  # (B, N, d)
+        if channel_mask is None:
+            per_patch = hidden.mean(dim=1)  # (B, N, d)
+        else:
+            weights = channel_mask.to(device=hidden.device, dtype=hidden.dtype)[:, :, None, None]
+            if bool((weights.sum(dim=1) == 0).any()):
+                raise ValueError("MOMENT embed: every record needs at least one real channel (channel_mask)")
+            per_patch = (weights * hidden).sum(dim=1) / weights.sum(dim=1)
         observed = patch_observed(input_mask, self.config.patch_len).unsqueeze(-1).to(per_patch.dtype)
         return (observed * per_patch).sum(dim=1) / observed.sum(dim=1)
 
@@ -299,6 +313,8 @@ class MomentFamily(ExpertFamily):
     """MOMENT: RevIN + patches + T5 encoder; embedding = channel mean, then observed-patch mean."""
 
     name = "moment"
+    masks_missing_leads = True
+    masks_padding = True
 
     def build(self, config: dict[str, Any]) -> MomentModel:
         return MomentModel(MomentConfig.from_dict(config)).eval()
@@ -316,15 +332,29 @@ class MomentFamily(ExpertFamily):
     def detect(self, folder: Path) -> Path | None:
         return detect_config_folder(folder, is_moment_config, WEIGHTS_FILES)
 
-    def embed(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, seq_len)`` windows -> ``(B, d_model)``, as ``MOMENTPipeline(task_name='embedding')(x_enc=x)``."""
+    def embed(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        lead_mask: torch.Tensor | None = None,
+        valid_samples: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``(B, C, seq_len)`` windows -> ``(B, d_model)``, as ``MOMENTPipeline(task_name='embedding')(x_enc=x)``.
+
+        ``valid_samples`` (B,) becomes the official ``input_mask`` (the end padding of a short record is
+        unobserved: out of RevIN statistics, attention and the patch mean); ``lead_mask`` (B, C) keeps zero-filled
+        leads out of the channel mean."""
         seq_len = model.config.seq_len
         if x.ndim != 3 or x.shape[-1] != seq_len:
             raise ValueError(
                 f"MOMENT expects (B, channels, {seq_len}) windows, got shape {tuple(x.shape)} "
-                "(use a leads_time contract of that length; left-pad shorter series with an input mask)"
+                "(use a leads_time contract of that length; shorter series are padded with an input mask)"
             )
-        return model.embed(x, reduction="mean")
+        input_mask = None
+        if valid_samples is not None:
+            positions = torch.arange(seq_len, device=x.device)
+            input_mask = (positions[None, :] < valid_samples.to(x.device)[:, None]).to(x.dtype)
+        return model.embed(x, input_mask=input_mask, reduction="mean", channel_mask=lead_mask)
 
     def embedding_dim(self, config: dict[str, Any]) -> int:
         return int(MomentConfig.from_dict(config).d_model)
