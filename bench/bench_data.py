@@ -26,8 +26,8 @@ from wfdb import processing
 
 from enecg.data.build import build_dataset
 from enecg.data.ptbxl import PtbxlOptions, plan_ptbxl
-from enecg.data.schema import write_text_atomic
 from enecg.io import read_record
+from enecg.utils.files import write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -19,9 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-from enecg.data.schema import write_text_atomic
+from enecg.cli.seeds import load_seed_recipe
 from enecg.training.efficiency_benchmark import run_efficiency_benchmark
-from enecg.training.seeds_cli import load_seed_recipe
+from enecg.utils.files import write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = REPO / "recipes" / "efficiency_benchmark.yaml"

@@ -35,8 +35,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from enecg.data.schema import write_text_atomic
 from enecg.experts.family import ExpertFamily, get_family
+from enecg.utils.files import write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench" / "results" / "experts.json"

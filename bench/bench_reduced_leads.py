@@ -43,12 +43,12 @@ sys.path.insert(0, str(REPO / "bench"))
 from bench_experts import CASES, load_config  # noqa: E402
 
 from enecg.contract import ContractRefusal  # noqa: E402
-from enecg.data.schema import write_text_atomic  # noqa: E402
 from enecg.experts.expert import Expert  # noqa: E402
 from enecg.experts.family import get_family  # noqa: E402
 from enecg.experts.spec import bundled_spec  # noqa: E402
 from enecg.io import read_record  # noqa: E402
 from enecg.record import ECGRecord  # noqa: E402
+from enecg.utils.files import write_text_atomic  # noqa: E402
 
 DEFAULT_OUT = REPO / "bench" / "results" / "reduced_leads.json"
 LOG = logging.getLogger("bench_reduced_leads")

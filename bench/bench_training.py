@@ -220,7 +220,7 @@ def prepare_dataset(data_dir: Path, kfold: int | None) -> Path:
 
 
 def write_json_atomic(path: Path, document: dict[str, Any]) -> None:
-    from enecg.data.schema import write_text_atomic
+    from enecg.utils.files import write_text_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(document, indent=2, sort_keys=False, default=_json_default) + "\n")

@@ -136,7 +136,7 @@ def pretrain_experts(dataset_dir: Path, work: Path, quick: bool, seed: int = 0) 
     """Every expert pretrained once, self-supervised, on all records of the sample (reused when present)."""
     from enecg.data.build import load_dataset_dir
     from enecg.experts.inhouse import EXPERT_SPEC_FILE
-    from enecg.pretraining.trainer import PretrainConfig, pretrain
+    from enecg.pretraining.pretrainer import PretrainConfig, pretrain
 
     _, meta = load_dataset_dir(dataset_dir)
     folders = {}

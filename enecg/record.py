@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,3 +81,23 @@ class ECGRecord:
     @property
     def duration_s(self) -> float:
         return self.n_samples / self.fs
+
+
+def demographics_array(rows: Sequence[Mapping[str, Any]] | Sequence[ECGRecord]) -> np.ndarray:
+    """``(B, 2)`` float32 (age in years, sex 0 male / 1 female) of records or dataset rows; NaN where unknown."""
+    out = np.full((len(rows), 2), np.nan, dtype=np.float32)
+    for i, row in enumerate(rows):
+        meta = row.metadata if isinstance(row, ECGRecord) else row
+        out[i, 0] = number_or_nan(meta.get("age"))
+        out[i, 1] = number_or_nan(meta.get("sex"))
+    return out
+
+
+def number_or_nan(value: Any) -> float:
+    """A metadata value as float; NaN for None, empty or non-numeric values."""
+    if value is None:
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan

@@ -13,6 +13,7 @@ import torch
 from conftest import REPO_ROOT
 
 from enecg.cli import main
+from enecg.cli.seeds import load_seed_recipe
 from enecg.contract import InputContract
 from enecg.evaluation import efficiency as efficiency_module
 from enecg.evaluation.efficiency import (
@@ -29,7 +30,6 @@ from enecg.experts.families.light import LightCNNConfig, build_light_model
 from enecg.experts.inhouse import save_inhouse_expert
 from enecg.leads import STANDARD_12_LEADS
 from enecg.training.recipe import RecipeError
-from enecg.training.seeds_cli import load_seed_recipe
 
 RECIPE = REPO_ROOT / "recipes" / "efficiency_benchmark.yaml"
 REFERENCE = {"params": 150_000.0, "latency_ms": 1.0, "memory_mb": 20.0}

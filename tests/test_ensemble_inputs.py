@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from enecg.contract import InputContract, apply_contract
-from enecg.data.rows import demographics_array, row_to_record
+from enecg.data.rows import row_to_record
 from enecg.ensemble.inputs import EnsembleInputBuilder
 from enecg.io import read_record
+from enecg.record import demographics_array
 
 
 def test_builder_applies_each_contract_to_the_same_records(ptbxl_dir: Path) -> None:

@@ -363,7 +363,7 @@ def test_cli_help(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_cli_operating_point_parsing() -> None:
-    from enecg.evaluation.cli import parse_operating_point
+    from enecg.cli.evaluate import parse_operating_point
 
     assert parse_operating_point("max_f1") == OperatingPoint("max_f1")
     assert parse_operating_point("sensitivity:0.95") == OperatingPoint("sensitivity", 0.95)

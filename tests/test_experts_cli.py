@@ -11,7 +11,7 @@ from conftest import parity_dir
 from huggingface_hub import constants as hf_constants
 
 import enecg.cli
-from enecg.experts.cli import synthetic_record
+from enecg.cli.experts import synthetic_record
 from enecg.experts.family import family_names
 from enecg.experts.spec import bundled_spec, bundled_specs
 
@@ -22,7 +22,7 @@ REGISTERED_COMMAND_MODULES = enecg.cli.COMMAND_MODULES  # before the fixture bel
 @pytest.fixture(autouse=True)
 def only_expert_commands(monkeypatch: pytest.MonkeyPatch) -> None:
     """Run the real entry point with just this command group (other groups are tested on their own)."""
-    monkeypatch.setattr(enecg.cli, "COMMAND_MODULES", ("enecg.experts.cli",))
+    monkeypatch.setattr(enecg.cli, "COMMAND_MODULES", ("enecg.cli.experts",))
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -32,7 +32,7 @@ def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
 
 
 def test_experts_is_a_registered_command_group() -> None:
-    assert "enecg.experts.cli" in REGISTERED_COMMAND_MODULES
+    assert "enecg.cli.experts" in REGISTERED_COMMAND_MODULES
 
 
 def test_list_json_has_every_bundled_spec(capsys: pytest.CaptureFixture[str]) -> None:

@@ -2,7 +2,7 @@
 
 The experts are in-house light CNNs pushed to the ``LocalHub`` first and loaded by Hub ID, so they have a Hub ID
 and a commit sha like published FMs. The ensemble is trained a few steps on real PTB-XL records (heads, LoRA and
-gate away from their initial values), pushed with ``push_to_hub`` and pulled back with ``from_pretrained`` using
+gate away from their initial values), pushed with ``push_ensemble`` and pulled back with ``from_pretrained`` using
 the real ``huggingface_hub`` client. conftest.py sets ``HF_HUB_OFFLINE=1``; ``use_endpoint`` switches it off.
 """
 
@@ -37,12 +37,12 @@ from enecg.experts import load_expert
 from enecg.experts.families.light import LightCNNConfig, build_light_model
 from enecg.experts.inhouse import save_inhouse_expert
 from enecg.hub.cards import extract_python_snippet
-from enecg.hub.endpoint import use_endpoint
-from enecg.hub.local_server import LocalHub
 from enecg.hub.publish import ensemble_card_context, push_ensemble
-from enecg.hub.push import PushError, push_folder
+from enecg.hub.upload import PushError, push_folder
 from enecg.io import read_record
 from enecg.leads import STANDARD_12_LEADS
+from enecg.testing.endpoint import use_endpoint
+from enecg.testing.local_hub import LocalHub
 
 TOKEN = "hf_enecg_roundtrip"
 ORG = "enecg-test"

@@ -28,8 +28,8 @@ from huggingface_hub.errors import (
 )
 from safetensors.numpy import load_file, save_file
 
-from enecg.hub.endpoint import current_endpoint, use_endpoint
-from enecg.hub.local_server import LocalHub
+from enecg.testing.endpoint import current_endpoint, use_endpoint
+from enecg.testing.local_hub import LocalHub
 
 README = "---\nlicense: apache-2.0\ntags:\n- ecg\n- enecg\nlibrary_name: enecg\n---\n# Test ensemble\n"
 WEIGHTS = {

@@ -13,9 +13,9 @@ import torch
 from test_expert_loading import MANTIS_8M_CONFIG, write_mantis_folder
 
 from enecg.experts.expert import load_expert
-from enecg.hub.endpoint import use_endpoint
-from enecg.hub.local_server import LocalHub
-from enecg.hub.push import push_folder
+from enecg.hub.upload import push_folder
+from enecg.testing.endpoint import use_endpoint
+from enecg.testing.local_hub import LocalHub
 from enecg.training.recipe import LightExpertSpec, parse_recipe_dict
 from enecg.training.trainer import train
 

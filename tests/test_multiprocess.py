@@ -82,7 +82,7 @@ DRIVER = textwrap.dedent(
     import json, os, sys
     import torch
     torch.set_num_threads(1)
-    from enecg.train import main
+    from enecg.cli.train import main
     from enecg.training import trainer
 
     make_accelerator = trainer.make_accelerator

@@ -35,8 +35,8 @@ def test_wheel_contains_adapters_cards_and_recipes(tmp_path: Path) -> None:
 def test_installed_package_finds_its_resources() -> None:
     import importlib.resources
 
+    from enecg.cli.quickstart import DEFAULT_RECIPE
     from enecg.experts.spec import bundled_specs
-    from enecg.quickstart import DEFAULT_RECIPE
 
     assert len(bundled_specs()) >= 10
     assert (importlib.resources.files("enecg.hub_cards") / "ensemble.md").is_file()

@@ -32,7 +32,7 @@ from enecg.pretraining.objectives import (
     masked_mse,
     span_mask,
 )
-from enecg.pretraining.trainer import PretrainConfig, freeze_unused_parameters, pretrain
+from enecg.pretraining.pretrainer import PretrainConfig, freeze_unused_parameters, pretrain
 
 N_RECORDS = 32
 RECIPE = REPO_ROOT / "recipes" / "pretrain_ssl.yaml"
@@ -386,8 +386,8 @@ def test_pushed_expert_loads_by_hub_id(pretrained: Path, tmp_path: Path, ptbxl_d
     import huggingface_hub
 
     from enecg import load_expert, read_record
-    from enecg.hub.endpoint import use_endpoint
-    from enecg.hub.local_server import LocalHub
+    from enecg.testing.endpoint import use_endpoint
+    from enecg.testing.local_hub import LocalHub
 
     record = read_record(ptbxl_dir / "records100" / "00000" / "00002_lr")
     local = load_expert(pretrained).embed(record)

@@ -28,7 +28,7 @@ import pytest
 import yaml
 from conftest import REPO_ROOT
 
-from enecg.quickstart import (
+from enecg.cli.quickstart import (
     DEFAULT_RECIPE,
     ENSEMBLE_REPO,
     QUICKSTART_EXPERTS,
@@ -85,8 +85,8 @@ def _hub_cache_setting() -> tuple[str, str | None]:
 @pytest.fixture(scope="module")
 def restarted_hub(quickstart: SimpleNamespace) -> Iterator[object]:
     """A LocalHub restarted on the quickstart's storage, with huggingface_hub pointed at it."""
-    from enecg.hub.endpoint import use_endpoint
-    from enecg.hub.local_server import LocalHub
+    from enecg.testing.endpoint import use_endpoint
+    from enecg.testing.local_hub import LocalHub
 
     with LocalHub(quickstart.out / "hub") as hub, use_endpoint(hub.url):
         yield hub

@@ -35,6 +35,7 @@ from enecg.ensemble.inputs import EnsembleInputBuilder
 from enecg.experts import load_expert
 from enecg.experts.families.light import LightCNNConfig, build_light_model
 from enecg.experts.inhouse import save_inhouse_expert
+from enecg.hub import save_ensemble
 from enecg.hub.cards import extract_python_snippet
 from enecg.io import read_record
 from enecg.leads import STANDARD_12_LEADS
@@ -175,7 +176,8 @@ def test_save_and_reload_is_bit_identical(variant: str, expert_dirs, sample, tmp
         f"adapters/{n}/{f}" for n in EXPERTS for f in ("adapter_config.json", "adapter_model.safetensors")
     }
     with_lora = variant != "no-lora-shared-heads"
-    assert files == {"config.json", "model.safetensors", "README.md"} | (adapters if with_lora else set())
+    # The ensemble saves itself (weights, config, adapters); cards are the hub layer's (save_ensemble below).
+    assert files == {"config.json", "model.safetensors"} | (adapters if with_lora else set())
 
     # model.safetensors: exactly the trainable tensors; nothing of the frozen experts.
     weights = load_file(folder / "model.safetensors")
@@ -212,7 +214,8 @@ def test_save_and_reload_is_bit_identical(variant: str, expert_dirs, sample, tmp
     assert [r.to_dict() for r in loaded.predict_records(records)] == [
         r.to_dict() for r in model.predict_records(records)
     ]
-    # The card written next to the weights parses, and its example loads this folder.
+    # Saved through the hub layer, the folder gets a card that parses and whose example loads this folder.
+    assert save_ensemble(model, folder) == folder
     card = ModelCard.load(folder / "README.md")
     assert card.data.library_name == "enecg"
     assert 'Ensemble.from_pretrained("model")' in extract_python_snippet(card)
@@ -376,7 +379,8 @@ def test_saving_is_atomic(expert_dirs, sample, tmp_path: Path, monkeypatch: pyte
     (folder / "card_context.json").write_text('{"evaluations": "of the previous run"}')
     model.decision_thresholds = {}
     model.save_pretrained(folder)
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "adapters", "config.json", "model.safetensors"]
+    # (the old card too: a card describing the previous weights must not survive them)
+    assert sorted(p.name for p in folder.iterdir()) == ["adapters", "config.json", "model.safetensors"]
     reloaded = Ensemble.from_pretrained(folder)
     assert_identical(outputs(reloaded, records), after)
     assert reloaded.decision_thresholds == {}

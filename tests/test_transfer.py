@@ -11,6 +11,7 @@ import torch
 from conftest import REPO_ROOT
 
 from enecg.cli import main
+from enecg.cli.seeds import load_seed_recipe
 from enecg.experts.families.light import LightCNNConfig, build_light_model
 from enecg.experts.weights import WeightsError
 from enecg.training.light_experts import (
@@ -21,7 +22,6 @@ from enecg.training.light_experts import (
     predict_supervised,
 )
 from enecg.training.recipe import RecipeError
-from enecg.training.seeds_cli import load_seed_recipe
 from enecg.training.transfer import transfer_weights
 
 RECIPE = REPO_ROOT / "recipes" / "pretrain_cinc_finetune_ptbxl.yaml"

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from enecg.contract import InputContract
-from enecg.data.schema import TaskInfo, TaskType, write_text_atomic
+from enecg.data.schema import TaskInfo, TaskType
+from enecg.utils.files import write_text_atomic
 
 CONFIG_FILE = "config.json"
 # Major version of the saved-ensemble layout (config.json + model.safetensors + adapters/). Bump it when a saved

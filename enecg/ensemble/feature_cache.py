@@ -42,10 +42,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from enecg.data.rows import demographics_array, label_arrays, rows_to_records
-from enecg.data.schema import TaskInfo, write_text_atomic
+from enecg.data.rows import label_arrays, rows_to_records
+from enecg.data.schema import TaskInfo
 from enecg.ensemble.inputs import EnsembleInputBuilder
-from enecg.record import ECGRecord
+from enecg.record import ECGRecord, demographics_array
+from enecg.utils.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -17,9 +17,8 @@ import torch
 from torch import Tensor
 
 from enecg.contract import InputContract, apply_contract_records
-from enecg.data.rows import demographics_array
 from enecg.leads import canonical_lead_name
-from enecg.record import ECGRecord, RecordError
+from enecg.record import ECGRecord, RecordError, demographics_array
 
 
 @dataclass

@@ -624,22 +624,6 @@ class Ensemble(nn.Module):
             expert_overrides=expert_overrides,
         )
 
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        private: bool = False,
-        token: str | None = None,
-        commit_message: str | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        """Save and upload to the Hub in one commit (:func:`enecg.hub.publish.push_ensemble`); main process only."""
-        from enecg.hub.publish import push_ensemble  # the hub layer sits above this one: imported on use
-
-        return push_ensemble(
-            self, repo_id, private=private, token=token, commit_message=commit_message, **kwargs
-        )
-
     def predict_record(self, record: Any) -> dict[str, Any]:
         """Combined predictions for one record (an ``ECGRecord`` or a WFDB record path): task ->
         {label: probability}, or the value of a regression task."""

@@ -14,7 +14,7 @@ A saved ensemble (a folder, or a Hub model repo once pushed) holds exactly:
   adapter in peft's own format, ``base_model_name_or_path`` = the expert's Hub ID and ``revision`` = its commit,
   so a peft user can load one expert's adapter without enecg. enecg itself reads only ``model.safetensors``.
 - ``thresholds.json`` (optional): decision thresholds per task and label (:attr:`Ensemble.decision_thresholds`).
-- ``README.md``: the model card.
+- ``README.md``: the model card, when one is given (rendered in the hub layer: :mod:`enecg.hub.publish`).
 
 Loading (:func:`from_pretrained`) re-loads every expert with :func:`~enecg.experts.load_expert` at its recorded
 commit and with its recorded spec (so a newer enecg with different bundled specs still feeds the expert the same
@@ -67,13 +67,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from enecg import __version__ as ENECG_VERSION
-from enecg.data.schema import write_text_atomic
 from enecg.ensemble.config import CONFIG_FILE, FORMAT_VERSION, EnsembleConfig, ExpertRef
 from enecg.ensemble.model import Ensemble
 from enecg.ensemble.prediction import check_thresholds
 from enecg.experts import ExpertLoadError, Spec, SpecError, load_expert
 from enecg.experts.weights import WeightsError
+from enecg.utils.files import write_text_atomic
+from enecg.utils.version import __version__ as ENECG_VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -119,17 +119,15 @@ def save_pretrained(
     ensemble: Ensemble,
     directory: str | os.PathLike,
     *,
-    card: RepoCard | str | Any | None = None,
-    repo_id: str | None = None,
+    card: RepoCard | str | None = None,
 ) -> Path:
     """Save ``ensemble`` into ``directory`` (see the module docstring for the layout); returns the folder.
 
     Args:
-        card: the model card: a ``ModelCard`` or Markdown text written as is, an
-            :class:`~enecg.hub.cards.EnsembleCardContext` rendered here, or None for a card rendered from the
-            config (experts, tasks, licences; no results).
-        repo_id: Hub ID the default card's loading example uses (default: the folder's name, a local path);
-            :func:`enecg.hub.publish.push_ensemble` re-renders it for the repo it pushes to.
+        card: the model card (``README.md``): a ``ModelCard`` or Markdown text, written as is; None writes no
+            card. Cards are rendered in the hub layer above this one: :func:`enecg.hub.publish.save_ensemble`
+            saves with a card rendered from the config (or from evaluation results), and
+            :func:`enecg.hub.publish.push_ensemble` renders one for the repo it pushes to.
 
     Raises:
         ValueError: a trainable part left frozen (it would not be saved), or bad decision thresholds.
@@ -138,7 +136,7 @@ def save_pretrained(
     config = resolved_config(ensemble)
     state = _trainable_state(ensemble)
     thresholds = check_thresholds(config, getattr(ensemble, "decision_thresholds", None) or {})
-    card_text = _card_text(card, config, repo_id or directory.name, thresholds)
+    card_text = _card_text(card)
 
     directory.parent.mkdir(parents=True, exist_ok=True)
     _recover_interrupted_save(directory)
@@ -156,7 +154,8 @@ def save_pretrained(
             write_text_atomic(
                 staging / THRESHOLDS_FILE, json.dumps(thresholds, indent=2, sort_keys=True) + "\n"
             )
-        write_text_atomic(staging / CARD_FILE, card_text)
+        if card_text is not None:
+            write_text_atomic(staging / CARD_FILE, card_text)
         config.save(staging)
         _move_into_place(staging, directory)
     finally:
@@ -268,24 +267,12 @@ def _save_adapter(ensemble: Ensemble, ref: ExpertRef, folder: Path) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _card_text(
-    card: Any, config: EnsembleConfig, repo_id: str, thresholds: dict[str, dict[str, float]]
-) -> str:
-    if isinstance(card, str):
+def _card_text(card: RepoCard | str | None) -> str | None:
+    if card is None or isinstance(card, str):
         return card
-    # The card renderer lives in the hub layer; imported here only, when a card must be rendered.
-    from enecg.hub import publish
-    from enecg.hub.cards import EnsembleCardContext, render_ensemble_card
-
-    if card is None:
-        return str(publish.default_card(config, repo_id, thresholds=thresholds))
-    if isinstance(card, EnsembleCardContext):
-        return str(render_ensemble_card(card))
     if isinstance(card, RepoCard):
         return str(card)
-    raise TypeError(
-        f"card must be a ModelCard, Markdown text, an EnsembleCardContext or None, got {type(card)}"
-    )
+    raise TypeError(f"card must be a ModelCard, Markdown text or None, got {type(card).__name__}")
 
 
 def _exchange(a: Path, b: Path) -> bool:

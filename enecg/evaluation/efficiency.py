@@ -239,8 +239,8 @@ def measured_model(kind: str, folder: str | os.PathLike) -> MeasuredModel:
     """
     if kind == "light":
         from enecg.contract import InputContract, apply_contract_records
-        from enecg.data.rows import demographics_array
         from enecg.experts.inhouse import load_inhouse_expert_module, read_inhouse_spec
+        from enecg.record import demographics_array
 
         contract = InputContract.from_dict(read_inhouse_spec(folder)["contract"])
 

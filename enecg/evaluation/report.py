@@ -28,7 +28,7 @@ from typing import Any
 
 import jinja2
 
-from enecg.data.schema import write_text_atomic
+from enecg.utils.files import write_text_atomic
 
 CAVEAT = (
     "Research software. Predictions are not a diagnosis and have not been validated for clinical use; results on "

@@ -34,7 +34,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from enecg import __version__ as ENECG_VERSION
 from enecg.data.build import load_dataset_dir
 from enecg.data.pool import pool_training_part
 from enecg.data.rows import label_arrays, row_to_record
@@ -49,6 +48,7 @@ from enecg.evaluation.paired import paired_difference
 from enecg.evaluation.plots import plot_calibration, plot_ecg_12lead, plot_gate_weights, plot_roc_pr
 from enecg.evaluation.report import write_report
 from enecg.evaluation.task_eval import evaluate_task
+from enecg.utils.version import __version__ as ENECG_VERSION
 
 logger = logging.getLogger(__name__)
 

@@ -26,12 +26,11 @@ import torch
 from torch import nn
 
 from enecg.contract import InputContract, apply_contract_records
-from enecg.data.rows import demographics_array
 from enecg.experts.family import ExpertFamily, get_family
 from enecg.experts.resolve import ExpertLoadError, ResolvedExpert, resolve_expert
 from enecg.experts.spec import CONFIG_FROM_CHECKPOINT, CONFIG_INLINE, Spec, contract_summary
 from enecg.experts.weights import WeightsError, load_state_dict_strict
-from enecg.record import ECGRecord
+from enecg.record import ECGRecord, demographics_array
 
 
 @dataclass

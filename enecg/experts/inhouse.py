@@ -29,9 +29,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from enecg.contract import InputContract
-from enecg.data.schema import write_text_atomic
 from enecg.experts.family import get_family
 from enecg.experts.weights import WeightsError, load_state_dict_strict
+from enecg.utils.files import write_text_atomic
 
 EXPERT_SPEC_FILE = "enecg_expert.json"
 CONFIG_FILE = "config.json"

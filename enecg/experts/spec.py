@@ -47,7 +47,7 @@ from typing import Any
 import yaml
 
 from enecg.contract import InputContract
-from enecg.data.schema import write_text_atomic
+from enecg.utils.files import write_text_atomic
 
 SPEC_FILENAME = "enecg_expert.json"
 """The spec an in-house expert repo / folder carries next to its weights (same schema as the YAML specs)."""

@@ -9,7 +9,7 @@ licence, see :mod:`enecg.hub.licenses`), ``metrics`` and a ``model-index`` built
 Nothing here knows the ensemble's classes: callers fill the context dataclasses (plain values, JSON-like dicts;
 ``ExpertCardInfo.from_dict`` accepts ``Expert.describe()``), so the cards can be rendered from a saved folder as
 well as from a live model. Rendering never touches the network; ``ModelCard.validate()`` (which asks the Hub) is
-left to :func:`enecg.hub.push.push_folder` (``validate=True``).
+left to :func:`enecg.hub.upload.push_folder` (``validate=True``).
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from enecg import __version__ as ENECG_VERSION
-from enecg.data.schema import write_text_atomic
 from enecg.evaluation.report import CAVEAT, headline
 from enecg.evaluation.report import format_number as _fmt
 from enecg.hub.licenses import LicenceDecision, licence_display_name, most_restrictive_licence
+from enecg.utils.files import write_text_atomic
+from enecg.utils.version import __version__ as ENECG_VERSION
 
 ENSEMBLE_TEMPLATE = "ensemble.md"
 EXPERT_TEMPLATE = "expert.md"

@@ -1,7 +1,8 @@
 """Publishing an ensemble: save it (when given the model), give it a card for its repo, push it in one commit.
 
-:func:`push_ensemble` is what ``Ensemble.push_to_hub`` and ``hub.push: true`` in a recipe call. The upload itself
-is :func:`enecg.hub.push.push_folder` (one commit of ``*.safetensors``, ``*.json``, ``*.md`` and plots, never
+:func:`push_ensemble` is what ``hub.push: true`` in a recipe and ``enecg push`` call; :func:`save_ensemble` saves a
+model with its card (``Ensemble.save_pretrained`` writes weights, config and adapters only). The upload itself
+is :func:`enecg.hub.upload.push_folder` (one commit of ``*.safetensors``, ``*.json``, ``*.md`` and plots, never
 checkpoints or pickles; main process only). The card's loading example must load the repo it is pushed to, so:
 
 * with ``card_context`` (or a ``card_context.json`` saved next to the model, e.g. by ``enecg train`` with its test
@@ -42,7 +43,7 @@ from enecg.hub.cards import (
     render_ensemble_card,
     save_card,
 )
-from enecg.hub.push import PushError, PushResult, push_folder
+from enecg.hub.upload import PushError, PushResult, push_folder
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def default_card(
     thresholds: Mapping[str, Mapping[str, float]] | None = None,
     **fields: Any,
 ) -> ModelCard:
-    """The card :func:`~enecg.ensemble.serialization.save_pretrained` writes when given none."""
+    """The card of a saved ensemble without results: experts (revisions, licences), tasks, thresholds."""
     return render_ensemble_card(ensemble_card_context(config, repo_id, thresholds=thresholds, **fields))
 
 
@@ -158,6 +159,26 @@ def update_card(
     return save_card(default_card(config, repo_id, thresholds=thresholds), folder)
 
 
+def save_ensemble(
+    ensemble: Ensemble,
+    directory: str | os.PathLike,
+    *,
+    repo_id: str | None = None,
+    card_context: EnsembleCardContext | None = None,
+) -> Path:
+    """``ensemble.save_pretrained(directory)`` with a model card: rendered from ``card_context`` (e.g. with test
+    results) or from the config (experts with revisions and licences, tasks, thresholds). ``repo_id`` is the ID
+    the card's loading example uses (default: the folder's name, a local path); returns the folder."""
+    directory = Path(directory)
+    repo_id = repo_id or directory.name
+    if card_context is not None:
+        card = render_ensemble_card(dataclasses.replace(card_context, repo_id=repo_id))
+    else:
+        thresholds = getattr(ensemble, "decision_thresholds", None) or None
+        card = default_card(resolved_config(ensemble), repo_id, thresholds=thresholds)
+    return save_pretrained(ensemble, directory, card=card)
+
+
 def push_ensemble(
     ensemble_or_dir: Ensemble | str | os.PathLike,
     repo_id: str,
@@ -180,11 +201,11 @@ def push_ensemble(
         directory: where to save a live ensemble (kept afterwards); default a temporary folder, removed after the
             push. Ignored for a folder.
         card_context: the card to publish (its ``repo_id`` is replaced by ``repo_id``); see the module docstring.
-        private, token, commit_message, revision, validate: as :func:`enecg.hub.push.push_folder`.
+        private, token, commit_message, revision, validate: as :func:`enecg.hub.upload.push_folder`.
         accelerator / is_main_process: only the main process saves and pushes; others return None at once.
 
     Returns:
-        The :class:`~enecg.hub.push.PushResult`, or None on a non-main process.
+        The :class:`~enecg.hub.upload.PushResult`, or None on a non-main process.
 
     Raises:
         PushError: the folder is not a saved ensemble, or the push failed (one line; the local folder stays
@@ -249,8 +270,7 @@ def _save_and_push(
     revision: str | None,
     validate: bool,
 ) -> PushResult | None:
-    card = dataclasses.replace(card_context, repo_id=repo_id) if card_context is not None else None
-    save_pretrained(ensemble, folder, card=card, repo_id=repo_id)
+    save_ensemble(ensemble, folder, repo_id=repo_id, card_context=card_context)
     return push_folder(
         folder,
         repo_id,
@@ -279,5 +299,6 @@ __all__ = [
     "ensemble_card_context",
     "expert_card_info",
     "push_ensemble",
+    "save_ensemble",
     "update_card",
 ]

@@ -16,7 +16,7 @@ from enecg.pretraining.objectives import (
     masked_mse,
     span_mask,
 )
-from enecg.pretraining.trainer import PretrainConfig, pretrain
+from enecg.pretraining.pretrainer import PretrainConfig, pretrain
 
 __all__ = [
     "AugmentConfig",

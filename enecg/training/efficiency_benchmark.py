@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 
-from enecg.data.schema import write_text_atomic
 from enecg.evaluation.efficiency import (
     MeasurementSettings,
     ScoreSettings,
@@ -52,6 +51,7 @@ from enecg.training.light_experts import (
     task_outputs,
 )
 from enecg.training.recipe import ModelSection, parse_recipe_dict
+from enecg.utils.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -28,11 +28,12 @@ import torch
 from torch.nn import functional as F
 
 from enecg.contract import InputContract, apply_contract_records
-from enecg.data.rows import demographics_array, label_arrays, rows_to_records
+from enecg.data.rows import label_arrays, rows_to_records
 from enecg.data.schema import DatasetMeta, TaskInfo
 from enecg.experts.families.light import LightCNNConfig, build_light_model
 from enecg.experts.inhouse import EXPERT_SPEC_FILE, save_inhouse_expert
 from enecg.leads import STANDARD_12_LEADS
+from enecg.record import demographics_array
 from enecg.training.data import load_training_dataset, select_part
 from enecg.training.recipe import DataSection, LightExpertSpec
 

@@ -46,7 +46,7 @@ from torch.utils.data import BatchSampler, DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from enecg.data.schema import TaskInfo, write_text_atomic
+from enecg.data.schema import TaskInfo
 from enecg.ensemble.model import Ensemble, EnsembleOutput, seed_rng
 from enecg.evaluation.metrics import (
     binary_metrics,
@@ -55,6 +55,7 @@ from enecg.evaluation.metrics import (
     regression_metrics,
 )
 from enecg.training.data import EpochShuffleSampler, IndexDataset, step_seed
+from enecg.utils.files import write_text_atomic
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

@@ -36,7 +36,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from torch import nn
 
 from enecg.data.pool import pool_training_part
-from enecg.data.schema import DatasetMeta, TaskInfo, write_text_atomic
+from enecg.data.schema import DatasetMeta, TaskInfo
 from enecg.ensemble.config import EnsembleConfig, ExpertRef, TaskConfig
 from enecg.ensemble.feature_cache import FeatureCache, FeatureTable, build_feature_table
 from enecg.ensemble.inputs import EnsembleInputBuilder
@@ -68,6 +68,7 @@ from enecg.training.loop import (
 )
 from enecg.training.recipe import Recipe
 from enecg.training.strategies import StrategyResult, get_strategy
+from enecg.utils.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 

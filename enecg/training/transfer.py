@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 
-from enecg.data.schema import write_text_atomic
 from enecg.evaluation.efficiency import fmt, fmt_ci, machine_info, render_table_page
 from enecg.experts.families.light import ARCHITECTURES, build_light_model
 from enecg.experts.inhouse import enecg_version
@@ -53,6 +52,7 @@ from enecg.training.light_experts import (
     task_outputs,
     validation_loss,
 )
+from enecg.utils.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,6 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from enecg.data.schema import write_text_atomic
 from enecg.data.splits import row_folds
 from enecg.ensemble.model import Ensemble, EnsembleOutput
 from enecg.training.loop import (
@@ -42,6 +41,7 @@ from enecg.training.loop import (
     run_phase,
 )
 from enecg.training.strategies.base import StrategyResult, TrainingStrategy, register_strategy
+from enecg.utils.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -5,9 +5,9 @@ One command composes the project's own building blocks, nothing re-implemented:
 1. **data**: the PTB-XL sample (:func:`enecg.data.ptbxl.prepare_ptbxl`, 100 Hz, official strat folds) when it is
    found, else a labelled synthetic set simulated with ECGSYN (:func:`enecg.data.synthetic.prepare_synthetic`);
 2. **experts**: small in-house encoders of different architectures, self-supervised (CMSC and/or masked
-   reconstruction, :func:`enecg.pretraining.trainer.pretrain`) on the *training* part only;
-3. **Hub**: a loopback Hub-protocol server (:class:`enecg.hub.local_server.LocalHub`, storage ``OUT/hub``) gets each
-   expert with its model card (:func:`enecg.hub.push.push_folder`);
+   reconstruction, :func:`enecg.pretraining.pretrainer.pretrain`) on the *training* part only;
+3. **Hub**: a loopback Hub-protocol server (:class:`enecg.testing.local_hub.LocalHub`, storage ``OUT/hub``) gets each
+   expert with its model card (:func:`enecg.hub.upload.push_folder`);
 4. **training**: the MoE ensemble (heads with LoRA + gate, several tasks) is trained with Accelerate
    (:func:`enecg.training.trainer.train`, ``recipes/quickstart.yaml``) on experts given *by Hub ID* at the pushed
    commit, downloaded into a fresh Hub cache under ``OUT`` so every load goes through the Hub protocol;
@@ -17,7 +17,7 @@ One command composes the project's own building blocks, nothing re-implemented:
 7. **summary**: printed and written to ``OUT/quickstart_summary.json`` (where everything went, headline metrics
    next to a constant predictor's, timings).
 
-Nothing leaves 127.0.0.1: the Hub runs in this process, is reached through :func:`enecg.hub.endpoint.use_endpoint`
+Nothing leaves 127.0.0.1: the Hub runs in this process, is reached through :func:`enecg.testing.endpoint.use_endpoint`
 and is shut down at the end (also on errors). Steps reuse what is still valid: the dataset builders' cache keys,
 experts whose pretraining config and dataset are unchanged (their re-push makes no new commit), the feature
 cache of the experts' embeddings. The ensemble is retrained each run (seconds; the same seed gives the same
@@ -128,8 +128,8 @@ class ExpertPlan:
     embedding_dim: int = 64
 
     def config(self, data_dir: Path, folder: Path, *, seed: int, fast: bool) -> Any:
-        """The :class:`~enecg.pretraining.trainer.PretrainConfig` of this expert (training part only)."""
-        from enecg.pretraining.trainer import PretrainConfig
+        """The :class:`~enecg.pretraining.pretrainer.PretrainConfig` of this expert (training part only)."""
+        from enecg.pretraining.pretrainer import PretrainConfig
 
         steps = self.fast_steps if fast else self.steps
         return PretrainConfig(
@@ -303,9 +303,9 @@ def pretrain_experts(
 ) -> dict[str, Path]:
     """Pretrain each expert into ``experts_dir/<name>``, or reuse it when its config and dataset are unchanged
     (recorded next to the folder, not in it: the folder is what gets pushed)."""
-    from enecg.data.schema import write_text_atomic
     from enecg.experts.inhouse import EXPERT_SPEC_FILE
-    from enecg.pretraining.trainer import pretrain
+    from enecg.pretraining.pretrainer import pretrain
+    from enecg.utils.files import write_text_atomic
 
     folders = {}
     for index, (plan, _) in enumerate(plans):
@@ -624,10 +624,10 @@ def run_quickstart(options: QuickstartOptions) -> dict[str, Any]:
     """Run every step (see the module docstring); returns the summary also written to ``OUT/quickstart_summary.json``."""
     import yaml
 
-    from enecg import __version__
-    from enecg.data.schema import write_text_atomic
-    from enecg.hub.endpoint import use_endpoint
-    from enecg.hub.local_server import LocalHub
+    from enecg.testing.endpoint import use_endpoint
+    from enecg.testing.local_hub import LocalHub
+    from enecg.utils.files import write_text_atomic
+    from enecg.utils.version import __version__
 
     started = time.monotonic()
     out = Path(options.out).absolute()
@@ -655,7 +655,7 @@ def run_quickstart(options: QuickstartOptions) -> dict[str, Any]:
     # Everything that talks to the Hub happens inside this block; the server is stopped on the way out.
     with LocalHub(out / "hub") as hub, use_endpoint(hub.url):
         with timer.step("push_experts", f"push the experts to the local Hub {hub.url}"):
-            from enecg.hub.push import push_folder
+            from enecg.hub.upload import push_folder
 
             pushed = []
             for plan, repo_id in plans:

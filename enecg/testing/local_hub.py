@@ -48,7 +48,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-from enecg.data.schema import write_bytes_atomic
+from enecg.utils.files import write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -571,7 +571,7 @@ class LocalHub:
 
     @property
     def url(self) -> str:
-        """The endpoint to give ``huggingface_hub`` (``HF_ENDPOINT`` or :func:`enecg.hub.endpoint.use_endpoint`)."""
+        """The endpoint to give ``huggingface_hub`` (``HF_ENDPOINT`` or :func:`enecg.testing.endpoint.use_endpoint`)."""
         return f"http://{LOOPBACK_HOST}:{self.port}"
 
     # -- test hooks ------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from enecg.hub.push import ALLOW_PATTERNS, push_folder
+from enecg.hub.upload import ALLOW_PATTERNS, push_folder
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

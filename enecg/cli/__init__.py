@@ -12,14 +12,14 @@ import logging
 import sys
 
 COMMAND_MODULES: tuple[str, ...] = (
-    "enecg.data.cli",
-    "enecg.experts.cli",
-    "enecg.hub.cli",
-    "enecg.pretraining.cli",
-    "enecg.evaluation.cli",
-    "enecg.training.cli",
-    "enecg.training.seeds_cli",
-    "enecg.quickstart",
+    "enecg.cli.data",
+    "enecg.cli.experts",
+    "enecg.cli.push",
+    "enecg.cli.pretrain",
+    "enecg.cli.evaluate",
+    "enecg.cli.train",
+    "enecg.cli.seeds",
+    "enecg.cli.quickstart",
 )
 
 
@@ -54,5 +54,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,9 +20,9 @@ from safetensors.numpy import save_file
 
 from enecg.cli import main as cli_main
 from enecg.hub.cards import ExpertCardContext, ExpertCardInfo, render_expert_card, save_card
-from enecg.hub.endpoint import use_endpoint
-from enecg.hub.local_server import LocalHub
-from enecg.hub.push import PushError, files_to_push, push_folder
+from enecg.hub.upload import PushError, files_to_push, push_folder
+from enecg.testing.endpoint import use_endpoint
+from enecg.testing.local_hub import LocalHub
 
 TOKEN = "hf_enecg_writer"
 PUSHED = {

@@ -3,7 +3,7 @@
 Real users do not need this: set ``HF_ENDPOINT`` (and ``HF_HUB_OFFLINE``) in the environment before starting
 Python, or use the real Hub. ``huggingface_hub`` reads those variables once, at import, into
 ``huggingface_hub.constants`` and into the module-level ``HfApi`` behind ``create_repo``, ``upload_folder``,
-``model_info``... Tests and the offline quickstart start a :class:`~enecg.hub.local_server.LocalHub` after
+``model_info``... Tests and the offline quickstart start a :class:`~enecg.testing.local_hub.LocalHub` after
 that import, so :func:`use_endpoint` patches those values for the duration of a ``with`` block and restores
 them afterwards.
 

@@ -4,7 +4,7 @@ Usage::
 
     enecg pretrain --config recipes/pretrain_ssl.yaml [--KEY=VALUE ...] [--dry-run]
 
-Every :class:`~enecg.pretraining.trainer.PretrainConfig` field is an option (``--help`` lists them with their
+Every :class:`~enecg.pretraining.pretrainer.PretrainConfig` field is an option (``--help`` lists them with their
 help text); an option overrides the recipe's key. Augmentation settings are ``--augmentation.FIELD=VALUE``.
 Values are parsed as YAML (``--bandpass=[0.5,40]``, ``--max_steps=null``); string fields are taken verbatim.
 An unknown key, in the recipe or on the command line, is an error. For several processes run
@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from enecg.pretraining.augment import AugmentConfig
-from enecg.pretraining.trainer import PretrainConfig, pretrain
+from enecg.pretraining.pretrainer import PretrainConfig, pretrain
 
 AUGMENTATION_PREFIX = "augmentation."
 
