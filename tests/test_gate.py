@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from enecg.ensemble.config import GateSettings
-from enecg.ensemble.gate import ENTROPY, LOAD_BALANCE, ROUTING, Gate, load_balance_loss, router_entropy
+from enecg.ensemble.gates import (
+    ENTROPY,
+    LOAD_BALANCE,
+    ROUTING,
+    Gate,
+    build_gate,
+    load_balance_loss,
+    router_entropy,
+)
 
 CONTRACT = {"fs": 100.0, "leads": ["II"], "length": 50}
 
@@ -17,7 +25,7 @@ def make_gate(num_experts: int = 4, num_groups: int = 1, **kwargs) -> Gate:
     torch.manual_seed(0)
     # A random router start (not the uniform one): these tests look at how records are routed.
     settings = GateSettings(contract=CONTRACT, hidden_sizes=[16], **{"init_uniform": False, **kwargs})
-    return Gate(settings, num_experts, num_groups, embedding_dims=[8, 12, 6, 10][:num_experts])
+    return build_gate(settings, num_experts, num_groups, embedding_dims=[8, 12, 6, 10][:num_experts])
 
 
 @pytest.mark.parametrize("groups", [1, 3])
@@ -165,7 +173,7 @@ def test_uniform_start_and_routing_penalty(kind):
         gate.router.bias.copy_(torch.tensor([1.0, 0.0, -1.0, 0.5, 0.5, 0.0]))
         gate.router.weight.normal_()
     out = gate(inputs)
-    hidden = gate.trunk(gate._features(inputs)).mean(dim=1)
+    hidden = gate.trunk(gate.features(inputs)).mean(dim=1)
     record = (hidden @ gate.router.weight.T).reshape(5, 2, 3)
     record = record - record.mean(dim=-1, keepdim=True)
     torch.testing.assert_close(out.aux_losses[ROUTING], record.pow(2).sum(-1).mean())

@@ -10,7 +10,14 @@ from enecg.ensemble.config import (
     LoraSettings,
     TaskConfig,
 )
-from enecg.ensemble.gate import Gate, GateOutput, load_balance_loss, router_entropy
+from enecg.ensemble.gates import (
+    Gate,
+    GateOutput,
+    build_gate,
+    load_balance_loss,
+    register_gate,
+    router_entropy,
+)
 from enecg.ensemble.heads import ExpertBranch, TaskHead
 from enecg.ensemble.lora import adapter_state_dict, check_lora_targets, save_adapter, wrap_branch
 from enecg.ensemble.model import Ensemble, EnsembleOutput
@@ -38,10 +45,12 @@ __all__ = [
     "TaskHead",
     "TaskPrediction",
     "adapter_state_dict",
+    "build_gate",
     "check_lora_targets",
     "from_pretrained",
     "load_balance_loss",
     "predict_records",
+    "register_gate",
     "router_entropy",
     "save_adapter",
     "save_pretrained",

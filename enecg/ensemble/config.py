@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from enecg.contract import InputContract
 from enecg.data.schema import TaskInfo, TaskType
+from enecg.ensemble.registries import GATES
 from enecg.utils.files import write_text_atomic
 
 CONFIG_FILE = "config.json"
@@ -371,7 +372,8 @@ class GateSettings:
     )
 
     def __post_init__(self) -> None:
-        _check_choice("gate.input", self.input, ("signal", "embeddings", "global", "uniform"))
+        if self.input not in GATES:
+            raise ValueError(f"gate.input must be one of {GATES.names()}, got {self.input!r}")
         _check_choice("gate.activation", self.activation, ACTIVATIONS)
         _check_choice("gate.combine", self.combine, ("predictions", "embeddings"))
         _check_choice("gate.mix", self.mix, ("probabilities", "logits"))
@@ -382,8 +384,6 @@ class GateSettings:
             raise ValueError(f"gate.dropout must be in [0, 1), got {self.dropout}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"gate.top_k must be >= 1 or null, got {self.top_k}")
-        if self.input == "uniform" and (self.top_k is not None or self.noisy_top_k):
-            raise ValueError("gate.input='uniform' has no router: top_k / noisy_top_k do not apply")
         if not self.routing_penalty >= 0:
             raise ValueError(f"gate.routing_penalty must be >= 0, got {self.routing_penalty!r}")
         if self.noisy_top_k and self.top_k is None:
@@ -392,12 +392,7 @@ class GateSettings:
             raise ValueError("gate.projection_dim must be > 0")
         if self.load_balance_weight < 0:
             raise ValueError("gate.load_balance_weight must be >= 0")
-        if self.input == "signal":
-            contract = self.input_contract()
-            if contract.leads is None or contract.length is None:
-                raise ValueError(
-                    "gate.contract must set `leads` and `length` for a signal gate (fixed input size)"
-                )
+        GATES.get(self.input).check_settings(self)  # what this kind of gate needs of the other settings
 
     def input_contract(self) -> InputContract:
         """The signal gate's :class:`~enecg.contract.InputContract`."""

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from enecg.contract import InputContract, apply_contract_records
+from enecg.ensemble.registries import GATES
 from enecg.leads import canonical_lead_name
 from enecg.record import ECGRecord, RecordError, demographics_array
 
@@ -107,7 +108,7 @@ class EnsembleInputBuilder:
                 raise ValueError(f"expert {name!r} has no input contract (attribute `contract`)")
             contracts[name] = contract
         gate = ensemble.config.gate
-        return cls(contracts, gate.input_contract() if gate.input == "signal" else None)
+        return cls(contracts, gate.input_contract() if GATES.get(gate.input).reads == "signal" else None)
 
     def __call__(self, records: Sequence[ECGRecord]) -> EnsembleBatch:
         records = list(records)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from enecg.ensemble.config import EnsembleConfig
-from enecg.ensemble.gate import Gate, GateOutput
+from enecg.ensemble.gates import GateOutput, build_gate, uniform_weights
 from enecg.ensemble.heads import ExpertBranch, TaskHead, count_parameters, prepare_expert
 from enecg.ensemble.lora import adapter_state_dict, save_adapter, unwrap_branch, wrap_branch
 from enecg.ensemble.tasks import Task
@@ -126,7 +126,7 @@ class Ensemble(nn.Module):
                 if self.combine_embeddings
                 else {}
             )
-            self.gate = Gate(
+            self.gate = build_gate(
                 gate_settings,
                 len(names),
                 self.num_groups,
@@ -249,20 +249,19 @@ class Ensemble(nn.Module):
         # One draw from the global RNG seeds every branch's own dropout stream (see derived_seed): a branch's
         # randomness then does not depend on which other experts run before it.
         stream = int(torch.randint(0, 2**62, ())) if self.training else None
-        kind = self.config.gate.input
         gate_out: GateOutput | None = None
-        if kind == "uniform" or not use_gate:
-            gate_out = self.gate.uniform(batch, device, available)
-        elif kind == "global":
-            gate_out = self.gate.global_weights(batch, device, available)
-        elif kind == "signal":
+        if not use_gate:
+            gate_out = uniform_weights(batch, self.num_groups, len(self.expert_names), device, available)
+        elif self.gate.reads is None:
+            gate_out = self.gate.weights(batch, device, available)
+        elif self.gate.reads == "signal":
             if gate_input is None:
                 raise ValueError(
-                    "the signal gate needs `gate_input` (windows prepared with the gate's contract)"
+                    f"the {self.gate.name} gate needs `gate_input` (windows prepared with the gate's contract)"
                 )
             if gate_input.shape[0] != batch:
                 raise ValueError(f"gate_input has {gate_input.shape[0]} records, expert inputs have {batch}")
-            gate_out = self.gate(gate_input, available)
+            gate_out = self.gate.weights(batch, device, available, inputs=gate_input)
 
         # Which records each expert must embed: the routed ones, all of them for an embedding gate, none when
         # given logits and the gate needs no embeddings.
@@ -297,15 +296,17 @@ class Ensemble(nn.Module):
                     )
                 embeddings[name] = (rows, emb)
 
-        if gate_out is None:  # embedding gate: every expert ran on every record it can read (zeros elsewhere)
-            gate_out = self.gate(
-                [
+        if gate_out is None:  # the gate reads embeddings: every expert ran on every record it can read (zeros elsewhere)
+            gate_out = self.gate.weights(
+                batch,
+                device,
+                available,
+                inputs=[
                     _scatter(embeddings[name][1], embeddings[name][0], batch)
                     if name in embeddings
                     else torch.zeros(batch, self.gate.embedding_dims[e], device=device)
                     for e, name in enumerate(self.expert_names)
                 ],
-                available,
             )
         routed_any = gate_out.routed.any(dim=1)
 

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-_FAMILIES: dict[str, type[ExpertFamily]] = {}
+from enecg.utils.registry import Registry
 
 
 class ExpertFamily(ABC):
@@ -69,25 +69,15 @@ class ExpertFamily(ABC):
         return []
 
 
-def register_family(cls: type[ExpertFamily]) -> type[ExpertFamily]:
-    """Class decorator: make a family available by its ``name``."""
-    if cls.name in _FAMILIES and _FAMILIES[cls.name] is not cls:
-        raise ValueError(f"expert family {cls.name!r} registered twice")
-    _FAMILIES[cls.name] = cls
-    return cls
+FAMILIES: Registry[type[ExpertFamily]] = Registry("expert family", builtins="enecg.experts.families")
+register_family = FAMILIES.register
+"""Class decorator: make an :class:`ExpertFamily` available by its ``name`` (a spec's ``family:``)."""
 
 
 def get_family(name: str) -> ExpertFamily:
-    """Instantiate the registered family ``name`` (importing the built-in families first)."""
-    import enecg.experts.families  # noqa: F401  (registers the built-in families)
-
-    try:
-        return _FAMILIES[name]()
-    except KeyError:
-        raise KeyError(f"unknown expert family {name!r}; known: {sorted(_FAMILIES)}") from None
+    """Instantiate the registered family ``name`` (the built-in families are imported first)."""
+    return FAMILIES.get(name)()
 
 
 def family_names() -> list[str]:
-    import enecg.experts.families  # noqa: F401
-
-    return sorted(_FAMILIES)
+    return FAMILIES.names()

@@ -14,8 +14,7 @@ from typing import Any, ClassVar
 from enecg.ensemble.model import Ensemble
 from enecg.training.loop import PhaseResult, RunContext
 from enecg.training.recipe import StrategySettings
-
-_STRATEGIES: dict[str, type[TrainingStrategy]] = {}
+from enecg.utils.registry import Registry
 
 
 @dataclass
@@ -58,25 +57,21 @@ class TrainingStrategy(ABC):
         """Train ``ctx.ensemble`` in place; leave it with the weights to evaluate and save."""
 
 
-def register_strategy(cls: type[TrainingStrategy]) -> type[TrainingStrategy]:
-    """Class decorator: make ``cls`` available as ``model.strategy.name: <cls.name>``."""
-    name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"{cls.__name__} needs a class attribute `name`")
-    if name in _STRATEGIES and _STRATEGIES[name] is not cls:
-        raise ValueError(f"a training strategy named {name!r} is already registered ({_STRATEGIES[name].__name__})")
-    _STRATEGIES[name] = cls
-    return cls
+STRATEGIES: Registry[type[TrainingStrategy]] = Registry(
+    "training strategy", builtins="enecg.training.strategies"
+)
+register_strategy = STRATEGIES.register
+"""Class decorator: make a :class:`TrainingStrategy` available as ``model.strategy.name: <cls.name>``."""
 
 
 def get_strategy(settings: StrategySettings) -> TrainingStrategy:
     """The strategy named in ``settings``, built with them."""
-    if settings.name not in _STRATEGIES:
+    if settings.name not in STRATEGIES:
         raise ValueError(
-            f"model.strategy.name {settings.name!r} is not a training strategy; known: {sorted(_STRATEGIES)}"
+            f"model.strategy.name {settings.name!r} is not a training strategy; known: {STRATEGIES.names()}"
         )
-    return _STRATEGIES[settings.name](settings)
+    return STRATEGIES.get(settings.name)(settings)
 
 
 def strategy_names() -> list[str]:
-    return sorted(_STRATEGIES)
+    return STRATEGIES.names()
