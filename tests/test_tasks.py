@@ -9,14 +9,14 @@ import torch
 
 from enecg.data.schema import TaskInfo
 from enecg.ensemble.config import TaskConfig
-from enecg.ensemble.tasks import Task
+from enecg.ensemble.tasks import Task, build_task
 
 NAN = float("nan")
 
 
 def make_task(kind: str, **kwargs) -> Task:
     names = {"multilabel": ["a", "b", "c"], "multiclass": ["x", "y", "z", "w"]}.get(kind, [])
-    return Task(TaskConfig(name=f"t_{kind}", type=kind, label_names=names, **kwargs))
+    return build_task(TaskConfig(name=f"t_{kind}", type=kind, label_names=names, **kwargs))
 
 
 def random_batch(task: Task, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,8 +205,8 @@ def test_task_config_from_dataset_task_info():
     info = TaskInfo(name="superdiagnostic", type="multilabel", names=["NORM", "MI", "STTC", "CD", "HYP"])
     config = TaskConfig.from_task_info(info, loss_weight=2.0)
     assert config.num_outputs == 5 and config.loss_weight == 2.0
-    assert Task(config).predict(torch.zeros(1, 5)).tolist() == [[0.5] * 5]
-    assert math.isclose(Task(TaskConfig(name="age", type="regression")).std, 1.0)
+    assert build_task(config).predict(torch.zeros(1, 5)).tolist() == [[0.5] * 5]
+    assert math.isclose(build_task(TaskConfig(name="age", type="regression")).std, 1.0)
 
 
 def test_task_config_from_dataset_binary_with_both_class_names() -> None:

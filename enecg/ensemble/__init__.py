@@ -23,7 +23,7 @@ from enecg.ensemble.lora import adapter_state_dict, check_lora_targets, save_ada
 from enecg.ensemble.model import Ensemble, EnsembleOutput
 from enecg.ensemble.prediction import RecordPrediction, TaskPrediction, predict_records
 from enecg.ensemble.serialization import EnsembleLoadError, from_pretrained, save_pretrained
-from enecg.ensemble.tasks import Task
+from enecg.ensemble.tasks import Task, build_task, register_task_type
 
 __all__ = [
     "CONFIG_FILE",
@@ -46,11 +46,13 @@ __all__ = [
     "TaskPrediction",
     "adapter_state_dict",
     "build_gate",
+    "build_task",
     "check_lora_targets",
     "from_pretrained",
     "load_balance_loss",
     "predict_records",
     "register_gate",
+    "register_task_type",
     "router_entropy",
     "save_adapter",
     "save_pretrained",

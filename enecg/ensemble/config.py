@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from enecg.contract import InputContract
 from enecg.data.schema import TaskInfo, TaskType
-from enecg.ensemble.registries import GATES
+from enecg.ensemble.registries import GATES, TASK_TYPES
 from enecg.utils.files import write_text_atomic
 
 CONFIG_FILE = "config.json"
@@ -34,7 +34,6 @@ Combine = Literal["predictions", "embeddings"]
 MixSpace = Literal["probabilities", "logits"]
 TaskWeighting = Literal["static", "uncertainty"]
 
-TASK_TYPES = ("multilabel", "multiclass", "binary", "regression")
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
 # Names become nn.ModuleDict keys and parts of peft target patterns: no dots/slashes, and no tuner prefix
 # (peft treats modules named ``lora_*`` as its own).
@@ -138,7 +137,9 @@ class TaskConfig:
     """One prediction task. Labels arrive as in the dataset schema (NaN = missing)."""
 
     name: str = field(metadata={"help": "Task name = label column name in the dataset."})
-    type: TaskType = field(metadata={"help": "multilabel | multiclass | binary | regression"})
+    type: TaskType = field(
+        metadata={"help": "multilabel | multiclass | binary | regression, or any registered task type"}
+    )
     label_names: list[str] = field(
         default_factory=list,
         metadata={
@@ -160,31 +161,24 @@ class TaskConfig:
 
     def __post_init__(self) -> None:
         _check_name("task", self.name)
-        _check_choice(f"task {self.name!r}: type", self.type, TASK_TYPES)
+        if self.type not in TASK_TYPES:
+            raise ValueError(f"task {self.name!r}: type must be one of {TASK_TYPES.names()}, got {self.type!r}")
         self.label_names = [str(n) for n in self.label_names]
-        n = len(self.label_names)
-        if self.type == "multiclass" and n < 2:
-            raise ValueError(f"task {self.name!r}: multiclass needs at least 2 label_names, got {n}")
-        if self.type == "multilabel" and n < 1:
-            raise ValueError(f"task {self.name!r}: multilabel needs at least 1 label name")
-        if self.type in ("binary", "regression") and n > 1:
-            raise ValueError(f"task {self.name!r}: {self.type} has one output; got {n} label_names")
         if not self.loss_weight >= 0:
             raise ValueError(f"task {self.name!r}: loss_weight must be >= 0, got {self.loss_weight!r}")
         if (self.target_mean is None) != (self.target_std is None):
             raise ValueError(f"task {self.name!r}: set both target_mean and target_std, or neither")
-        if self.target_mean is not None and self.type != "regression":
-            raise ValueError(f"task {self.name!r}: target normalisation applies to regression tasks only")
         if self.target_std is not None and not self.target_std > 0:
             raise ValueError(f"task {self.name!r}: target_std must be > 0, got {self.target_std!r}")
         _check_choice(f"task {self.name!r}: regression_loss", self.regression_loss, ("mse", "huber"))
         if not self.huber_delta > 0:
             raise ValueError(f"task {self.name!r}: huber_delta must be > 0")
+        TASK_TYPES.get(self.type).check_config(self)  # label counts and settings this type needs
 
     @property
     def num_outputs(self) -> int:
-        """Width of the head's output layer (1 for binary and regression)."""
-        return len(self.label_names) if self.type in ("multilabel", "multiclass") else 1
+        """Width of the head's output layer (1 for scalar types: binary, regression)."""
+        return TASK_TYPES.get(self.type).outputs_for(len(self.label_names))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TaskConfig:

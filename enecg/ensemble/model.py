@@ -33,7 +33,7 @@ from enecg.ensemble.config import EnsembleConfig
 from enecg.ensemble.gates import GateOutput, build_gate, uniform_weights
 from enecg.ensemble.heads import ExpertBranch, TaskHead, count_parameters, prepare_expert
 from enecg.ensemble.lora import adapter_state_dict, save_adapter, unwrap_branch, wrap_branch
-from enecg.ensemble.tasks import Task
+from enecg.ensemble.tasks import Task, build_task
 
 
 @dataclass
@@ -88,7 +88,7 @@ class Ensemble(nn.Module):
             _check_expert(ref.name, experts[ref.name], ref.embedding_dim, ref.hub_id, ref.revision)
         self.config = config
         self.expert_names = list(names)
-        self.task_list = [Task(t) for t in config.tasks]
+        self.task_list = [build_task(t) for t in config.tasks]
         self.tasks = {task.name: task for task in self.task_list}
         gate_settings = config.gate
         self.combine_embeddings = gate_settings.combine == "embeddings"
@@ -442,7 +442,7 @@ class Ensemble(nn.Module):
             term = task.config.loss_weight * loss
             if output.task_log_vars is not None:
                 log_var = output.task_log_vars[t_index]
-                scale = 0.5 if task.type == "regression" else 1.0
+                scale = task.uncertainty_scale
                 weighted = task.config.loss_weight * (scale * torch.exp(-log_var) * loss + 0.5 * log_var)
                 term = torch.where(count > 0, weighted, loss * 0.0 + log_var * 0.0)
                 parts[f"log_var/{task.name}"] = log_var.detach()

@@ -27,6 +27,7 @@ import torch
 from enecg.ensemble.config import EnsembleConfig, TaskConfig
 from enecg.ensemble.inputs import EnsembleBatch, EnsembleInputBuilder
 from enecg.ensemble.model import Ensemble
+from enecg.ensemble.tasks import evaluated_as
 from enecg.io import read_record
 from enecg.record import ECGRecord
 
@@ -122,7 +123,7 @@ def check_thresholds(
             task = config.task(task_name)
         except KeyError as exc:
             raise ValueError(f"decision thresholds: {exc.args[0]}") from None
-        if task.type not in ("binary", "multilabel"):
+        if evaluated_as(task.type) not in ("binary", "multilabel"):
             raise ValueError(
                 f"decision thresholds: task {task_name!r} is {task.type}; thresholds apply to "
                 f"binary and multilabel tasks"
@@ -216,7 +217,7 @@ def _explain(
                     for label in labels
                     if label in task_thresholds and prediction[label] >= task_thresholds[label]
                 ]
-            if task_config.type == "multiclass":
+            if evaluated_as(task_config.type) == "multiclass":
                 predicted = labels[int(torch.argmax(combined[i]))]
             per_record[i][name] = TaskPrediction(
                 task=name,

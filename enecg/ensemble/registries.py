@@ -15,3 +15,8 @@ GATES: Registry[Any] = Registry("gate input", builtins="enecg.ensemble.gates")
 """``gate.input`` name -> :class:`~enecg.ensemble.gates.base.Gate` subclass."""
 
 register_gate = GATES.register
+
+TASK_TYPES: Registry[Any] = Registry("task type", builtins="enecg.ensemble.tasks", key="type_name")
+"""``tasks[].type`` name -> :class:`~enecg.ensemble.tasks.base.Task` subclass."""
+
+register_task_type = TASK_TYPES.register

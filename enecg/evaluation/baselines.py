@@ -29,6 +29,7 @@ from sklearn.preprocessing import StandardScaler
 
 from enecg.data.schema import TaskInfo
 from enecg.data.splits import row_folds
+from enecg.ensemble.tasks import evaluated_as
 from enecg.evaluation.paired import HEADLINES, headline_value
 
 PROBE_C = 0.1
@@ -104,7 +105,7 @@ class LinearProbe:
             else:
                 columns.append(model.decision_function(x))
         stacked = np.stack(columns, axis=1)
-        return stacked[:, 0] if self.task.type == "binary" else stacked
+        return stacked[:, 0] if evaluated_as(self.task.type) == "binary" else stacked
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         return scores_to_predictions(self.task, self.scores(x))
@@ -112,9 +113,9 @@ class LinearProbe:
 
 def scores_to_predictions(task: TaskInfo, scores: np.ndarray) -> np.ndarray:
     """Stacking-space scores -> the evaluation's space (probabilities or values)."""
-    if task.type == "regression":
+    if evaluated_as(task.type) == "regression":
         return scores
-    if task.type == "multiclass":
+    if evaluated_as(task.type) == "multiclass":
         shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
         return shifted / shifted.sum(axis=1, keepdims=True)
     return 1.0 / (1.0 + np.exp(-scores))

@@ -24,6 +24,7 @@ import numpy as np
 from enecg.data.cinc import parse_classes
 from enecg.data.label_maps import ptbxl_label_finding, snomed_class_finding
 from enecg.data.schema import DatasetMeta, TaskInfo
+from enecg.ensemble.tasks import evaluated_as
 from enecg.evaluation.metrics import BootstrapConfig, OperatingPoint
 from enecg.evaluation.task_eval import evaluate_task
 
@@ -96,7 +97,7 @@ def task_label_names(task: TaskInfo) -> list[str]:
     A binary task has one output, the positive class: datasets name both classes (``["male", "female"]``: 0, 1),
     so its name is the last one, or the task name when there is none. Other tasks: their label names.
     """
-    if task.type in ("binary", "regression"):
+    if evaluated_as(task.type) in ("binary", "regression"):
         return [task.names[-1]] if task.names else [task.name]
     return list(task.names)
 
@@ -106,7 +107,7 @@ def label_findings(meta: DatasetMeta, task: TaskInfo, label_map: str) -> dict[st
     if label_map not in LABEL_MAPS:
         raise ValueError(f"unknown label map {label_map!r}; known: {list(LABEL_MAPS)}")
     names = task_label_names(task)
-    if task.type not in MAPPABLE_TYPES:
+    if evaluated_as(task.type) not in MAPPABLE_TYPES:
         return {}
     if label_map == "identity":
         return {name: name for name in names}
@@ -152,9 +153,9 @@ def plan_cross_dataset(
         label_map=label_map, source=source_meta.source, target=target_name or target_meta.source
     )
     wanted = set(model_tasks) if model_tasks is not None else None
-    target_tasks = [t for t in target_meta.tasks if t.type in MAPPABLE_TYPES]
+    target_tasks = [t for t in target_meta.tasks if evaluated_as(t.type) in MAPPABLE_TYPES]
     for task in source_meta.tasks:
-        if (wanted is not None and task.name not in wanted) or task.type not in _BY_NAME_TYPES:
+        if (wanted is not None and task.name not in wanted) or evaluated_as(task.type) not in _BY_NAME_TYPES:
             continue
         task_matches = []
         by_name = label_map == "identity" or task.name in SHARED_TASKS
@@ -163,7 +164,7 @@ def plan_cross_dataset(
             match = _match_by_name(task, same_named, plan)
             if match is not None:
                 task_matches.append(match)
-        if task.type in MAPPABLE_TYPES and label_map != "identity":
+        if evaluated_as(task.type) in MAPPABLE_TYPES and label_map != "identity":
             model_found = label_findings(source_meta, task, label_map)
             for target in target_tasks if model_found else ():
                 if same_named is not None and target.name == same_named.name:
@@ -194,7 +195,7 @@ def _match_by_name(task: TaskInfo, target: TaskInfo, plan: CrossDatasetPlan) -> 
         key=task.name,
         model_task=task.name,
         target_task=target.name,
-        task_type="regression" if task.type == "regression" else "multilabel",
+        task_type="regression" if evaluated_as(task.type) == "regression" else "multilabel",
     )
     for name in model_names:
         if name in target_names:

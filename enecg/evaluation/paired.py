@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from enecg.ensemble.tasks import evaluated_as
 from enecg.evaluation.metrics import BootstrapConfig, auroc, bootstrap_ci, multiclass_metrics
 
 # Headline metric of each task type, and whether higher is better.
@@ -27,6 +28,7 @@ HEADLINES: dict[str, tuple[str, bool]] = {
 
 def headline_value(task_type: str, y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """The task's headline metric (:data:`HEADLINES`) of predictions (probabilities, or values for regression)."""
+    task_type = evaluated_as(task_type)
     y_true = np.asarray(y_true, dtype=float)
     y_pred = np.asarray(y_pred, dtype=float)
     if task_type in ("multilabel", "binary"):
@@ -61,7 +63,7 @@ def paired_difference(
     ``"b"`` when the CI excludes 0 in that model's favour, else ``None``. For a lower-is-better metric (MAE) a
     negative difference favours ``a``.
     """
-    metric, higher = HEADLINES[task_type]
+    metric, higher = HEADLINES[evaluated_as(task_type)]
     y_true = np.asarray(y_true, dtype=float)
     pred_a = np.asarray(pred_a, dtype=float)
     pred_b = np.asarray(pred_b, dtype=float)

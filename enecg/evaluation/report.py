@@ -39,7 +39,7 @@ CAVEAT = (
 def headline(result: dict[str, Any]) -> tuple[str, float | None, list[float | None] | None]:
     """The one number summarising a task result: macro AUROC (classification) or MAE (regression), with CI."""
     metrics, ci = result.get("metrics", {}), result.get("ci") or {}
-    kind = result.get("type")
+    kind = result.get("evaluated_as", result.get("type"))
     if kind == "regression":
         return "MAE", metrics.get("mae"), ci.get("mae") if isinstance(ci, dict) else None
     if kind == "multiclass":
@@ -102,7 +102,7 @@ _TEMPLATE = """<!doctype html>
 
 {% for t, res in ev.tasks.items() %}
 <h2>Task: {{ t }} <small>({{ res.type }}, n={{ res.n_records }})</small></h2>
-{% if res.type in ("multilabel", "binary") %}
+{% if res.evaluated_as|default(res.type) in ("multilabel", "binary") %}
 <table><tr><th>label</th><th>n</th><th>prevalence</th><th>AUROC</th><th>AUPRC</th><th>threshold</th><th>sensitivity</th>
 <th>specificity</th><th>PPV</th><th>NPV</th><th>F1</th></tr>
 {% for name, m in res.metrics.per_label.items() %}<tr><td>{{ name }}</td><td>{{ m.n|int }}</td><td>{{ fmt(m.prevalence) }}</td>
@@ -117,7 +117,7 @@ _TEMPLATE = """<!doctype html>
  <td></td><td></td><td></td><td></td><td></td><td>{{ fmt(res.metrics.micro.get("f1")) }}</td></tr></table>
 <p>Operating point: {{ res.operating_point.method }}{% if res.operating_point.method == "sensitivity" %} (target {{ res.operating_point.target_sensitivity }}){% endif %}, fitted on {{ res.operating_point.fitted_on }}.
 {% if res.calibration %}Calibration: ECE {{ fmt(res.calibration.ece) }}{% if res.calibration.temperature %}, temperature {{ fmt(res.calibration.temperature) }} (fitted on validation) → ECE {{ fmt(res.calibration.ece_after_temperature) }}{% endif %}.{% endif %}</p>
-{% elif res.type == "multiclass" %}
+{% elif res.evaluated_as|default(res.type) == "multiclass" %}
 <table><tr><th>metric</th><th>value</th><th>95% CI</th></tr>
 {% for k in ("accuracy", "macro_f1", "macro_auroc") %}<tr><td>{{ k }}</td><td>{{ fmt(res.metrics.get(k)) }}</td><td>{{ fmt_ci(res.ci.get(k)) }}</td></tr>{% endfor %}</table>
 {% else %}

@@ -41,6 +41,7 @@ from enecg.data.schema import DatasetMeta, TaskInfo
 from enecg.ensemble.feature_cache import FeatureCache, build_feature_table
 from enecg.ensemble.inputs import EnsembleBatch, EnsembleInputBuilder
 from enecg.ensemble.model import Ensemble, EnsembleOutput
+from enecg.ensemble.tasks import evaluated_as
 from enecg.evaluation.baselines import BEST_SINGLE, STACKER, SplitFeatures, best_single_expert, fit_baselines
 from enecg.evaluation.cross_dataset import evaluate_cross_dataset, plan_cross_dataset, task_label_names
 from enecg.evaluation.metrics import BootstrapConfig, OperatingPoint
@@ -240,10 +241,10 @@ def _model_tasks(ensemble: Ensemble, meta: DatasetMeta, where: str) -> tuple[lis
             continue
         outputs = list(config.label_names) or [config.name]
         dataset_outputs = task_label_names(info)
-        compatible = info.type == config.type and (
-            config.type == "regression"
+        compatible = evaluated_as(info.type) == config.type and (
+            evaluated_as(config.type) == "regression"
             or outputs == dataset_outputs
-            or (config.type == "binary" and (not config.label_names or not info.names))
+            or (evaluated_as(config.type) == "binary" and (not config.label_names or not info.names))
         )
         if not compatible:
             raise ValueError(
@@ -593,10 +594,10 @@ def _one_hot(labels: np.ndarray, n_classes: int) -> np.ndarray:
 def _task_figures(tasks: Sequence[TaskInfo], test: SplitPredictions, out_dir: Path) -> list[dict[str, str]]:
     figures = []
     for task in tasks:
-        if task.type == "regression":
+        if evaluated_as(task.type) == "regression":
             continue  # MAE/RMSE/R² with CIs are in the table; no curve applies
         y, p = test.labels[task.name], test.predictions[task.name]
-        if task.type == "multiclass":
+        if evaluated_as(task.type) == "multiclass":
             y = _one_hot(y, len(task.names))
         names = task_label_names(task)
         roc = f"{FIGURES_DIR}/roc_pr_{task.name}.png"
@@ -627,7 +628,7 @@ def _label_values(task: TaskInfo, values: np.ndarray, *, truth: bool = False) ->
     """One record's values of a task as ``{label: value}``."""
     names = task_label_names(task)
     values = np.asarray(values, dtype=float)
-    if task.type == "multiclass" and truth:
+    if evaluated_as(task.type) == "multiclass" and truth:
         if np.isnan(values).all():
             return dict.fromkeys(names, math.nan)
         return {name: float(int(values) == k) for k, name in enumerate(names)}
@@ -641,7 +642,7 @@ def choose_examples(tasks: Sequence[TaskInfo], labels: dict[str, np.ndarray], n:
     n_records = len(next(iter(labels.values()))) if labels else 0
     chosen: list[int] = []
     for task in tasks:
-        if task.type not in ("multilabel", "binary"):
+        if evaluated_as(task.type) not in ("multilabel", "binary"):
             continue
         y = labels[task.name].reshape(n_records, -1)
         for k in range(y.shape[1]):
@@ -702,7 +703,7 @@ def _example_title(example: dict[str, Any], tasks: Sequence[TaskInfo]) -> str:
     parts = []
     for task in tasks:
         preds = example["predictions"][task.name]
-        if task.type == "regression":
+        if evaluated_as(task.type) == "regression":
             parts.append(f"{task.name} {next(iter(preds.values())):.1f}")
             continue
         top = sorted(preds.items(), key=lambda kv: -kv[1])[:2]

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from enecg.ensemble.tasks import evaluated_as
 from enecg.evaluation.metrics import (
     BootstrapConfig,
     OperatingPoint,
@@ -47,15 +48,18 @@ def evaluate_task(
     test_pred = np.asarray(test_pred, dtype=float)
     n = len(test_true)
     result: dict[str, Any] = {"type": task_type, "labels": list(label_names), "n_records": n}
+    form = evaluated_as(task_type)  # metrics follow the form of the predictions (a registered type declares it)
+    if form != task_type:
+        result["evaluated_as"] = form
 
-    if task_type == "regression":
+    if form == "regression":
         result["metrics"] = regression_metrics(test_true, test_pred)
         result["ci"] = bootstrap_ci(
             lambda idx: regression_metrics(test_true[idx], test_pred[idx]), n, test_groups, bootstrap
         )
         return _jsonable(result)
 
-    if task_type == "multiclass":
+    if form == "multiclass":
         result["metrics"] = multiclass_metrics(test_true, test_pred, label_names)
         result["ci"] = bootstrap_ci(
             lambda idx: _scalars(multiclass_metrics(test_true[idx], test_pred[idx], label_names)),
@@ -64,8 +68,8 @@ def evaluate_task(
         result["calibration"] = _multiclass_calibration(test_true, test_pred, val_true, val_pred)
         return _jsonable(result)
 
-    if task_type not in ("multilabel", "binary"):
-        raise ValueError(f"unknown task type {task_type!r}")
+    if form not in ("multilabel", "binary"):
+        raise ValueError(f"task type {task_type!r} is evaluated as {form!r}, which has no metrics")
     y_test, p_test = _as_2d(test_true), _as_2d(test_pred)
     if val_true is not None and val_pred is not None:
         thresholds = choose_thresholds(_as_2d(np.asarray(val_true, float)), _as_2d(np.asarray(val_pred, float)),

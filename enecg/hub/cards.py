@@ -28,6 +28,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from enecg.ensemble.tasks import TASK_TYPES, evaluated_as, task_type
 from enecg.evaluation.report import CAVEAT, headline
 from enecg.evaluation.report import format_number as _fmt
 from enecg.hub.licenses import LicenceDecision, licence_display_name, most_restrictive_licence
@@ -41,14 +42,6 @@ BASE_TAGS: tuple[str, ...] = ("ecg", "electrocardiogram", "enecg", "medical", "b
 ENSEMBLE_TAGS: tuple[str, ...] = (*BASE_TAGS, "lora", "peft", "mixture-of-experts")
 EXAMPLE_RECORD = "path/to/record"
 
-# enecg task types -> model-index task ids and readable names. The Hub has no ECG task ids; these follow its
-# "<input>-<problem>" naming so that leaderboards can group them.
-_TASK_TYPE_IDS = {
-    "multilabel": ("time-series-classification", "multi-label classification"),
-    "binary": ("time-series-classification", "binary classification"),
-    "multiclass": ("time-series-classification", "multi-class classification"),
-    "regression": ("time-series-regression", "regression"),
-}
 # headline() names -> metric ids on the Hub (https://hf.co/metrics) and their `average` argument.
 _METRIC_IDS = {"macro AUROC": ("roc_auc", {"average": "macro"}), "MAE": ("mae", None)}
 
@@ -102,10 +95,8 @@ class TaskCardInfo:
     unit: str | None = field(default=None, metadata={"help": "Unit of a regression target (e.g. 'years')."})
 
     def __post_init__(self) -> None:
-        if self.type not in _TASK_TYPE_IDS:
-            raise ValueError(
-                f"task {self.name!r}: unknown type {self.type!r} (expected one of {list(_TASK_TYPE_IDS)})"
-            )
+        if self.type not in TASK_TYPES:
+            raise ValueError(f"task {self.name!r}: unknown type {self.type!r} (expected one of {TASK_TYPES.names()})")
 
 
 @dataclass
@@ -342,19 +333,19 @@ def _task_rows(tasks: Sequence[TaskCardInfo]) -> list[dict[str, str]]:
             thresholds = ", ".join(
                 f"{label}: {t.thresholds[label]:.3f}" for label in t.labels if label in t.thresholds
             )
-        elif t.type == "regression":
+        elif evaluated_as(t.type) == "regression":
             thresholds = "n/a"
-        elif t.type == "multiclass":
+        elif evaluated_as(t.type) == "multiclass":
             thresholds = "argmax"
         else:
             thresholds = "none shipped (probabilities)"
         label_text = ", ".join(t.labels) if t.labels else "–"
-        if t.type == "regression" and t.unit:
+        if evaluated_as(t.type) == "regression" and t.unit:
             label_text += f" ({t.unit})"
         rows.append(
             {
                 "name": _cell(t.name),
-                "type": _cell(_TASK_TYPE_IDS[t.type][1]),
+                "type": _cell(task_type(t.type).card_pipeline[1]),
                 "labels": _cell(label_text),
                 "thresholds": _cell(thresholds),
                 "description": _cell(t.description or None),
@@ -436,10 +427,11 @@ def build_eval_results(
         dataset = _dataset_for(ev, datasets)
         for task, result in ev.tasks.items():
             metric, value, _ = headline(result)
-            if value is None or metric not in _METRIC_IDS or result.get("type") not in _TASK_TYPE_IDS:
+            if value is None or metric not in _METRIC_IDS or result.get("type") not in TASK_TYPES:
                 continue
             metric_id, metric_args = _METRIC_IDS[metric]
-            task_id, task_kind = _TASK_TYPE_IDS[result["type"]]
+            # The Hub has no ECG task ids: each task type names an "<input>-<problem>" id leaderboards can group.
+            task_id, task_kind = task_type(result["type"]).card_pipeline
             results.append(
                 EvalResult(
                     task_type=task_id,
@@ -460,7 +452,7 @@ def build_eval_results(
 def _metric_ids(eval_results: Sequence[EvalResult], tasks: Sequence[TaskCardInfo]) -> list[str]:
     ids = [r.metric_type for r in eval_results]
     if not ids:  # no results yet: the metrics the tasks will be judged by
-        ids = ["mae" if t.type == "regression" else "roc_auc" for t in tasks]
+        ids = ["mae" if evaluated_as(t.type) == "regression" else "roc_auc" for t in tasks]
     return list(dict.fromkeys(ids))
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from enecg.ensemble.tasks import evaluated_as
 from enecg.evaluation.efficiency import (
     MeasurementSettings,
     ScoreSettings,
@@ -311,7 +312,7 @@ def run_efficiency_benchmark(recipe: EfficiencyRecipe) -> dict[str, Any]:
     out = Path(recipe.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     parts = load_supervised_parts(recipe.data, recipe.model.contract())
-    if parts.task.type not in CLASSIFICATION:
+    if evaluated_as(parts.task.type) not in CLASSIFICATION:
         raise ValueError(f"data.task {parts.task.name!r} is {parts.task.type}: the benchmark needs AUROC")
     rows = [
         _train_light_row(recipe, parts, architecture, demographics, out)

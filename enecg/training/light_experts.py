@@ -30,6 +30,7 @@ from torch.nn import functional as F
 from enecg.contract import InputContract, apply_contract_records
 from enecg.data.rows import label_arrays, rows_to_records
 from enecg.data.schema import DatasetMeta, TaskInfo
+from enecg.ensemble.tasks import evaluated_as
 from enecg.experts.families.light import LightCNNConfig, build_light_model
 from enecg.experts.inhouse import EXPERT_SPEC_FILE, save_inhouse_expert
 from enecg.leads import STANDARD_12_LEADS
@@ -69,7 +70,7 @@ def create_light_expert(
                 f"({[t.name for t in tasks]})"
             )
         task = matches[0]
-    n_outputs = len(task.names) if task is not None and task.type in ("multilabel", "multiclass") else 1
+    n_outputs = len(task.names) if task is not None and evaluated_as(task.type) in ("multilabel", "multiclass") else 1
     config = LightCNNConfig(
         architecture=spec.architecture,
         in_leads=len(spec.leads),
@@ -247,7 +248,7 @@ def train_supervised(
         raise ValueError(f"steps must be >= 1, got {steps}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     generator = np.random.default_rng(seed)
-    mean, std = rows.regression_stats() if task.type == "regression" else (0.0, 1.0)
+    mean, std = rows.regression_stats() if evaluated_as(task.type) == "regression" else (0.0, 1.0)
     result = SupervisedResult(final_loss=float("nan"), steps=steps, target_mean=mean, target_std=std)
     best_state: dict[str, torch.Tensor] | None = None
     model.train()
@@ -334,10 +335,10 @@ def _labelled_rows(labels: np.ndarray, task: TaskInfo) -> np.ndarray:
 def _loss(
     logits: torch.Tensor, labels: torch.Tensor, task: TaskInfo, mean: float, std: float
 ) -> torch.Tensor:
-    if task.type == "multiclass":
+    if evaluated_as(task.type) == "multiclass":
         keep = ~torch.isnan(labels)
         return F.cross_entropy(logits[keep], labels[keep].long())
-    if task.type == "regression":
+    if evaluated_as(task.type) == "regression":
         target = (labels - mean) / std
         keep = ~torch.isnan(target)
         return F.mse_loss(logits.squeeze(-1)[keep], target[keep])
@@ -428,7 +429,7 @@ class SupervisedParts:
 
 def task_outputs(task: TaskInfo) -> int:
     """Logits a standalone classifier needs for ``task``."""
-    return len(task.names) if task.type in ("multilabel", "multiclass") else 1
+    return len(task.names) if evaluated_as(task.type) in ("multilabel", "multiclass") else 1
 
 
 def select_parts(

@@ -48,6 +48,7 @@ from transformers import get_scheduler
 
 from enecg.data.schema import TaskInfo
 from enecg.ensemble.model import Ensemble, EnsembleOutput, seed_rng
+from enecg.ensemble.tasks import evaluated_as, task_type
 from enecg.evaluation.metrics import (
     binary_metrics,
     multiclass_metrics,
@@ -873,15 +874,15 @@ def headline_metrics(
     headlines = []
     for info in tasks:
         y, p = evaluation["labels"][info.name], evaluation["predictions"][info.name]
-        if info.type == "multilabel":
+        if evaluated_as(info.type) == "multilabel":
             res = multilabel_metrics(y, p, np.full(y.shape[1], 0.5), info.names)
             values = {"macro_auroc": res["macro"]["auroc"], "macro_auprc": res["macro"]["auprc"]}
             headline = values["macro_auroc"]
-        elif info.type == "binary":
+        elif evaluated_as(info.type) == "binary":
             res = binary_metrics(y, p, 0.5)
             values = {"auroc": res["auroc"], "auprc": res["auprc"]}
             headline = values["auroc"]
-        elif info.type == "multiclass":
+        elif evaluated_as(info.type) == "multiclass":
             res = multiclass_metrics(y, p, info.names)
             values = {"macro_auroc": res["macro_auroc"], "accuracy": res["accuracy"]}
             headline = values["macro_auroc"]
@@ -900,19 +901,13 @@ def headline_metrics(
 
 
 _LOWER_IS_BETTER = ("loss", "mae", "rmse")
-_TASK_METRICS = {
-    "multilabel": ("macro_auroc", "macro_auprc"),
-    "binary": ("auroc", "auprc"),
-    "multiclass": ("macro_auroc", "accuracy"),
-    "regression": ("mae", "rmse", "r2"),
-}
 
 
 def check_selection_metric(name: str, tasks: list[TaskInfo]) -> None:
     """Fail before training when ``optim.selection_metric`` names no validation metric."""
     known = ["mean_headline", "loss"]
     for info in tasks:
-        known += [f"{info.name}/{m}" for m in (*_TASK_METRICS[info.type], "headline")]
+        known += [f"{info.name}/{m}" for m in (*task_type(info.type).headline_metrics, "headline")]
     if name not in known:
         raise ValueError(f"optim.selection_metric {name!r} is not a validation metric; known: {known}")
 

@@ -41,6 +41,7 @@ from enecg.ensemble.config import EnsembleConfig, ExpertRef, TaskConfig
 from enecg.ensemble.feature_cache import FeatureCache, FeatureTable, build_feature_table
 from enecg.ensemble.inputs import EnsembleInputBuilder
 from enecg.ensemble.model import Ensemble
+from enecg.ensemble.tasks import evaluated_as
 from enecg.evaluation.metrics import BootstrapConfig, OperatingPoint, choose_thresholds
 from enecg.evaluation.task_eval import evaluate_task
 from enecg.experts.expert import load_expert
@@ -375,7 +376,7 @@ def _validation_thresholds(
         return {}
     out = {}
     for info in ctx.task_infos:
-        if info.type not in ("binary", "multilabel"):
+        if evaluated_as(info.type) not in ("binary", "multilabel"):
             continue
         labels = ctx.ensemble.config.task(info.name).label_names or [info.name]
         values = choose_thresholds(val["labels"][info.name], val["predictions"][info.name], operating)
@@ -455,7 +456,7 @@ def _ensemble_config(
     tasks = []
     for section, info in zip(recipe.tasks, task_infos):
         extra: dict[str, Any] = {"loss_weight": section.loss_weight}
-        if info.type == "regression":
+        if evaluated_as(info.type) == "regression":
             extra |= {"regression_loss": section.regression_loss, "huber_delta": section.huber_delta}
             if section.normalize_target:
                 mean, std = regression_stats(train_part, info.name)

@@ -28,18 +28,21 @@ class Registry(Generic[T]):
         kind: what the classes are, for error messages (e.g. ``"gate input"``).
         builtins: module imported before the first lookup, where the built-in classes register themselves (lets a
             registry live in a base module that its built-ins import, without an import cycle).
+        key: the class attribute holding the registered name (``name`` unless instances use ``name`` otherwise).
     """
 
-    def __init__(self, kind: str, *, builtins: str | None = None) -> None:
+    def __init__(self, kind: str, *, builtins: str | None = None, key: str = "name") -> None:
         self.kind = kind
+        self.key = key
         self._builtins = builtins
         self._classes: dict[str, T] = {}
 
     def register(self, cls: T) -> T:
-        """Class decorator: make ``cls`` available under ``cls.name``; a second class under one name is refused."""
-        name = getattr(cls, "name", None)
+        """Class decorator: make ``cls`` available under its name (class attribute :attr:`key`); a second class
+        under one name is refused."""
+        name = getattr(cls, self.key, None)
         if not isinstance(name, str) or not name:
-            raise ValueError(f"{cls.__name__} needs a class attribute `name` to be registered as a {self.kind}")
+            raise ValueError(f"{cls.__name__} needs a class attribute `{self.key}` to be registered as a {self.kind}")
         if name in self._classes and self._classes[name] is not cls:
             raise ValueError(f"a {self.kind} named {name!r} is already registered ({self._classes[name].__name__})")
         self._classes[name] = cls

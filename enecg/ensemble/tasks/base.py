@@ -1,5 +1,16 @@
 """Task semantics: losses with missing labels masked, predictions, and how experts' outputs are combined.
 
+A task type is one :class:`Task` subclass registered by name (``tasks[].type``) with
+:func:`~enecg.ensemble.registries.register_task_type`; the built-in ones are ``multilabel``, ``binary``,
+``multiclass`` and ``regression`` (one module each). A type declares:
+
+* the shape of its labels and outputs (:attr:`Task.scalar`, :meth:`Task.outputs_for`, :meth:`Task.check_config`);
+* its loss on the entries that are labelled (:meth:`Task.entry_loss`; the masking of NaN labels is shared);
+* its predictions (:meth:`Task.predict`) and how experts' logits are mixed (:meth:`Task.combine`);
+* how it is evaluated (:attr:`Task.evaluated_as`: the form of its predictions, one of ``multilabel`` /
+  ``binary`` (probabilities per label), ``multiclass`` (a class distribution) or ``regression`` (values) — the
+  evaluation's metrics, baselines and report are written per form) and its headline metrics for model selection.
+
 Shapes: *scalar* tasks (binary, regression) have logits ``(B,)``; multilabel / multiclass have ``(B, K)``.
 Labels follow the dataset schema (:mod:`enecg.data.schema`): float tensors with NaN where a label is missing
 (multiclass labels are class indices stored as floats; regression labels are raw, un-normalised targets).
@@ -19,27 +30,64 @@ Regression predictions are always averaged (in normalised target space, which is
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, ClassVar, Literal
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from enecg.ensemble.config import MixSpace, TaskConfig
+if TYPE_CHECKING:
+    from enecg.ensemble.config import MixSpace, TaskConfig
+
+EvaluatedAs = Literal["multilabel", "binary", "multiclass", "regression"]
 
 
 class Task:
-    """Loss, prediction and combination rules of one :class:`~enecg.ensemble.config.TaskConfig`."""
+    """Loss, prediction and combination rules of one :class:`~enecg.ensemble.config.TaskConfig` (base class of
+    the registered task types; build one with :func:`~enecg.ensemble.tasks.build_task`)."""
+
+    type_name: ClassVar[str]
+    """The registered name (``tasks[].type``); instances' ``name`` is the task's own name."""
+    scalar: ClassVar[bool] = False
+    """Outputs ``(B,)`` (one logit per record) rather than ``(B, K)``."""
+    evaluated_as: ClassVar[EvaluatedAs]
+    headline_metrics: ClassVar[tuple[str, ...]]
+    """Validation metrics logged for model selection (``<task>/<metric>``); the first is the headline."""
+    higher_is_better: ClassVar[bool] = True
+    uncertainty_scale: ClassVar[float] = 1.0
+    """Factor of ``exp(-log_var) * loss`` in uncertainty weighting (Kendall et al. 2018: 1 for a classification
+    likelihood, 1/2 for a Gaussian one)."""
+    normalised_targets: ClassVar[bool] = False
+    """Targets are normalised by ``target_mean`` / ``target_std`` (regression-like types)."""
+    card_pipeline: ClassVar[tuple[str, str]] = ("time-series-classification", "classification")
+    """(Hub pipeline tag, words for the model card) of this kind of task."""
 
     def __init__(self, config: TaskConfig) -> None:
         self.config = config
         self.name = config.name
         self.type = config.type
         self.num_outputs = config.num_outputs
-        self.is_scalar = config.type in ("binary", "regression")
+        self.is_scalar = self.scalar
         self.mean = 0.0 if config.target_mean is None else float(config.target_mean)
         self.std = 1.0 if config.target_std is None else float(config.target_std)
 
     def __repr__(self) -> str:
-        return f"Task({self.name!r}, {self.type}, outputs={self.num_outputs})"
+        return f"{type(self).__name__}({self.name!r}, {self.type}, outputs={self.num_outputs})"
+
+    # -- configuration (class level: used while the config is validated) ----------------------------------------
+
+    @classmethod
+    def outputs_for(cls, num_labels: int) -> int:
+        """Width of the head's output layer for ``num_labels`` label names."""
+        return 1 if cls.scalar else num_labels
+
+    @classmethod
+    def check_config(cls, config: TaskConfig) -> None:
+        """Refuse a config this type cannot use (one line naming the task); label counts, normalisation."""
+        n = len(config.label_names)
+        if cls.scalar and n > 1:
+            raise ValueError(f"task {config.name!r}: {config.type} has one output; got {n} label_names")
+        if config.target_mean is not None and not cls.normalised_targets:
+            raise ValueError(f"task {config.name!r}: target normalisation applies to regression tasks only")
 
     # -- targets -------------------------------------------------------------------------------------------------
 
@@ -52,7 +100,7 @@ class Task:
 
     def _labels(self, labels: Tensor, batch: int) -> Tensor:
         labels = torch.as_tensor(labels).float()
-        if self.is_scalar or self.type == "multiclass":
+        if self.is_scalar or self.evaluated_as == "multiclass":
             if labels.dim() == 2 and labels.shape[1] == 1:
                 labels = labels[:, 0]
             expected = (batch,)
@@ -77,57 +125,42 @@ class Task:
         labels = self._labels(labels, logits.shape[0]).to(logits.device)
         valid = ~torch.isnan(labels)
         filled = torch.where(valid, labels, torch.zeros_like(labels))  # NaN never enters the loss graph
-        if self.type in ("multilabel", "binary"):
-            per_entry = F.binary_cross_entropy_with_logits(logits, filled, reduction="none")
-        elif self.type == "multiclass":
-            self._check_class_indices(labels[valid])
-            per_entry = F.cross_entropy(logits, filled.long(), reduction="none")
-        else:
-            target = self.normalise_target(filled)
-            if self.config.regression_loss == "huber":
-                per_entry = F.huber_loss(logits, target, reduction="none", delta=self.config.huber_delta)
-            else:
-                per_entry = F.mse_loss(logits, target, reduction="none")
+        self.check_labels(labels[valid])
+        per_entry = self.entry_loss(logits, filled)
         weights = valid.to(per_entry.dtype)
         count = weights.sum()
         return (per_entry * weights).sum() / count.clamp(min=1.0), count
 
-    def _check_class_indices(self, values: Tensor) -> None:
-        if values.numel() == 0:
-            return
-        bad = (values != values.round()) | (values < 0) | (values >= self.num_outputs)
-        if bool(bad.any()):
-            raise ValueError(
-                f"task {self.name!r}: multiclass labels must be class indices in [0, {self.num_outputs}) or NaN; "
-                f"got {values[bad][:5].tolist()}"
-            )
+    def check_labels(self, values: Tensor) -> None:
+        """Refuse label values this type cannot learn from (``values``: the labelled entries)."""
+
+    def entry_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Loss per label entry (same shape as ``labels``; missing entries hold 0 and are masked afterwards)."""
+        raise NotImplementedError
 
     # -- predictions ---------------------------------------------------------------------------------------------
 
     def predict(self, logits: Tensor) -> Tensor:
-        """Logits -> probabilities (multilabel/binary), class probabilities (multiclass), raw-unit values (regression)."""
-        logits = logits.float()
-        if self.type in ("multilabel", "binary"):
-            return torch.sigmoid(logits)
-        if self.type == "multiclass":
-            return torch.softmax(logits, dim=-1)
-        return self.denormalise(logits)
+        """Logits -> what the task reports (probabilities, class probabilities, raw-unit values...)."""
+        raise NotImplementedError
 
     def combine(self, expert_logits: Tensor, weights: Tensor, log_weights: Tensor, mix: MixSpace) -> Tensor:
         """Combine per-expert logits ``(B, E[, K])`` with gate weights ``(B, E)`` into logits ``(B[, K])``.
 
         ``log_weights`` must be the gate's log-weights (``-inf`` for experts not routed to): taking ``log`` of
         zero weights here would give NaN gradients. Entries of ``expert_logits`` for unrouted experts may hold any
-        finite placeholder; they get zero weight and zero gradient.
+        finite placeholder; they get zero weight and zero gradient. The base rule is the weighted sum of logits;
+        types with a probability mixture override :meth:`mix_probabilities`.
         """
         expert_logits = expert_logits.float()
         weights, log_weights = weights.float(), log_weights.float()
         if not self.is_scalar:  # broadcast the weights over the K outputs
             weights, log_weights = weights.unsqueeze(-1), log_weights.unsqueeze(-1)
-        if self.type == "regression" or mix == "logits":
+        if mix == "logits":
             return (weights * expert_logits).sum(dim=1)
-        if self.type == "multiclass":
-            return torch.logsumexp(log_weights + F.log_softmax(expert_logits, dim=-1), dim=1)
-        log_p = torch.logsumexp(log_weights + F.logsigmoid(expert_logits), dim=1)
-        log_not_p = torch.logsumexp(log_weights + F.logsigmoid(-expert_logits), dim=1)
-        return log_p - log_not_p
+        return self.mix_probabilities(expert_logits, weights, log_weights)
+
+    def mix_probabilities(self, expert_logits: Tensor, weights: Tensor, log_weights: Tensor) -> Tensor:
+        """The ``mix="probabilities"`` rule (weights already broadcast to ``expert_logits``); by default the
+        weighted sum of logits (right for types whose prediction is a linear map of the logit)."""
+        return (weights * expert_logits).sum(dim=1)
