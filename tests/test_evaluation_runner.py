@@ -204,7 +204,9 @@ def test_metrics_match_recomputation(run: SimpleNamespace) -> None:
                 operating_point=POINT,
                 bootstrap=BOOT,
             )
-            assert_same(json.loads(json.dumps(alone)), run.evaluation["experts"][expert][t])
+            alone_reported = dict(run.evaluation["experts"][expert][t])
+            assert alone_reported.pop("n_predicted") == len(test.record_ids)  # each expert read every record
+            assert_same(json.loads(json.dumps(alone)), alone_reported)
         # mix='probabilities': the ensemble is the gate-weighted mixture of the experts' probabilities, the
         # baseline the equal-weight one (regression: the same in target units).
         w = test.gate_weights[t]
