@@ -22,6 +22,7 @@ _LAZY: dict[str, str] = {
     "load_expert": "enecg.experts",
     "Ensemble": "enecg.ensemble",
     "EnsembleConfig": "enecg.ensemble",
+    "create_ensemble": "enecg.ensemble.factory",
 }
 
 __all__ = ["__version__", *_LAZY]

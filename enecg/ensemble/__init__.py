@@ -10,6 +10,7 @@ from enecg.ensemble.config import (
     LoraSettings,
     TaskConfig,
 )
+from enecg.ensemble.factory import create_ensemble, expert_ref
 from enecg.ensemble.gates import (
     Gate,
     GateOutput,
@@ -48,6 +49,8 @@ __all__ = [
     "build_gate",
     "build_task",
     "check_lora_targets",
+    "create_ensemble",
+    "expert_ref",
     "from_pretrained",
     "load_balance_loss",
     "predict_records",

@@ -37,11 +37,12 @@ from torch import nn
 
 from enecg.data.pool import pool_training_part
 from enecg.data.schema import DatasetMeta, TaskInfo
-from enecg.ensemble.config import EnsembleConfig, ExpertRef, TaskConfig
+from enecg.ensemble.config import EnsembleConfig, TaskConfig
+from enecg.ensemble.factory import expert_ref
 from enecg.ensemble.feature_cache import FeatureCache, FeatureTable, build_feature_table
 from enecg.ensemble.inputs import EnsembleInputBuilder
 from enecg.ensemble.model import Ensemble
-from enecg.ensemble.tasks import evaluated_as
+from enecg.ensemble.tasks import evaluated_as, task_type
 from enecg.evaluation.metrics import BootstrapConfig, OperatingPoint, choose_thresholds
 from enecg.evaluation.task_eval import evaluate_task
 from enecg.experts.expert import load_expert
@@ -438,25 +439,18 @@ def _ensemble_config(
     task_infos: list[TaskInfo],
     train_part: Any,
 ) -> EnsembleConfig:
-    refs = []
-    for entry in recipe.experts:
-        expert = experts[entry.name]
-        hub_id = getattr(expert, "hub_id", None)
-        spec = getattr(expert, "spec", None)
-        refs.append(
-            ExpertRef(
-                name=entry.name,
-                hub_id=hub_id or _local_source(entry.source, run, created=entry.create is not None),
-                embedding_dim=int(expert.embedding_dim),
-                revision=getattr(expert, "revision", None),
-                spec=spec.to_dict() if spec is not None and hasattr(spec, "to_dict") else None,
-                lora_target_modules=list(getattr(expert, "lora_target_modules", []) or []),
-            )
+    refs = [
+        expert_ref(
+            entry.name,
+            experts[entry.name],
+            hub_id=_local_source(entry.source, run, created=entry.create is not None),
         )
+        for entry in recipe.experts
+    ]
     tasks = []
     for section, info in zip(recipe.tasks, task_infos):
         extra: dict[str, Any] = {"loss_weight": section.loss_weight}
-        if evaluated_as(info.type) == "regression":
+        if task_type(info.type).normalised_targets:
             extra |= {"regression_loss": section.regression_loss, "huber_delta": section.huber_delta}
             if section.normalize_target:
                 mean, std = regression_stats(train_part, info.name)
