@@ -104,10 +104,10 @@ def test_created_experts_and_saved_model(trained: dict[str, Any]) -> None:
         best |= {k: v for k, v in load_file(str(path)).items() if not k.startswith("buffer::")}
     assert any(".heads.superclass." in k for k in best) and any(k.startswith("gate.") for k in best)
     try:
-        from enecg.ensemble.serialization import from_pretrained
+        from enecg.ensemble.serialization import load_pretrained
     except ImportError:
         pytest.skip("enecg.ensemble.serialization not available: the model is not saved")
-    model = from_pretrained(run / "model")
+    model = load_pretrained(run / "model")
     # The saved model holds the selected (best) weights, and the head weights moved away from initialisation.
     saved = model.trainable_state_dict()
     for key, value in saved.items():

@@ -168,9 +168,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _load_model(args: argparse.Namespace) -> Any:
     import torch
 
-    from enecg.ensemble.serialization import from_pretrained
+    from enecg.ensemble.serialization import load_pretrained
 
-    ensemble = from_pretrained(
+    ensemble = load_pretrained(
         args.model,
         revision=args.revision,
         cache_dir=args.cache_dir,

@@ -23,7 +23,7 @@ from enecg.ensemble.heads import ExpertBranch, TaskHead
 from enecg.ensemble.lora import adapter_state_dict, check_lora_targets, save_adapter, wrap_branch
 from enecg.ensemble.model import Ensemble, EnsembleOutput
 from enecg.ensemble.prediction import RecordPrediction, TaskPrediction, predict_records
-from enecg.ensemble.serialization import EnsembleLoadError, from_pretrained, save_pretrained
+from enecg.ensemble.serialization import EnsembleLoadError, load_pretrained, save_pretrained
 from enecg.ensemble.tasks import Task, build_task, register_task_type
 
 __all__ = [
@@ -51,8 +51,8 @@ __all__ = [
     "check_lora_targets",
     "create_ensemble",
     "expert_ref",
-    "from_pretrained",
     "load_balance_loss",
+    "load_pretrained",
     "predict_records",
     "register_gate",
     "register_task_type",

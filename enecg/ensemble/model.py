@@ -613,10 +613,10 @@ class Ensemble(nn.Module):
         expert_overrides: Mapping[str, str | os.PathLike] | None = None,
     ) -> Ensemble:
         """Load a saved ensemble from a folder or a Hub repo, each expert at its recorded revision
-        (:func:`enecg.ensemble.serialization.from_pretrained`)."""
-        from enecg.ensemble.serialization import from_pretrained
+        (:func:`enecg.ensemble.serialization.load_pretrained`)."""
+        from enecg.ensemble.serialization import load_pretrained
 
-        return from_pretrained(
+        return load_pretrained(
             id_or_dir,
             revision=revision,
             token=token,

@@ -16,7 +16,7 @@ A saved ensemble (a folder, or a Hub model repo once pushed) holds exactly:
 - ``thresholds.json`` (optional): decision thresholds per task and label (:attr:`Ensemble.decision_thresholds`).
 - ``README.md``: the model card, when one is given (rendered in the hub layer: :mod:`enecg.hub.publish`).
 
-Loading (:func:`from_pretrained`) re-loads every expert with :func:`~enecg.experts.load_expert` at its recorded
+Loading (:func:`load_pretrained`, behind ``Ensemble.from_pretrained``) re-loads every expert with :func:`~enecg.experts.load_expert` at its recorded
 commit and with its recorded spec (so a newer enecg with different bundled specs still feeds the expert the same
 way), then refuses, with one line naming the expert, weights whose SHA-256 differs from the recorded one (a
 branch that moved, a local folder that changed, an override pointing at another model).
@@ -82,7 +82,7 @@ ADAPTERS_DIR = "adapters"
 THRESHOLDS_FILE = "thresholds.json"
 CARD_FILE = "README.md"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
-# The files from_pretrained needs (plus the optional thresholds); the card and adapters are for people and peft.
+# The files load_pretrained needs (plus the optional thresholds); the card and adapters are for people and peft.
 _LOAD_FILES = (CONFIG_FILE, WEIGHTS_FILE, THRESHOLDS_FILE)
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
@@ -353,7 +353,7 @@ def _move_into_place(staging: Path, directory: Path) -> None:
 # ----------------------------------------------------------------------------------------------------- loading
 
 
-def from_pretrained(
+def load_pretrained(
     id_or_dir: str | os.PathLike,
     *,
     revision: str | None = None,
@@ -593,8 +593,8 @@ __all__ = [
     "WEIGHTS_FILE",
     "EnsembleLoadError",
     "expert_running_stats",
-    "from_pretrained",
     "is_hub_ref",
+    "load_pretrained",
     "resolved_config",
     "save_pretrained",
     "weights_sha256",
