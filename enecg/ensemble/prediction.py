@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from enecg.ensemble.config import EnsembleConfig, TaskConfig
+from enecg.ensemble.inference import in_batches, run_records
 from enecg.ensemble.inputs import EnsembleBatch, EnsembleInputBuilder
 from enecg.ensemble.model import Ensemble
 from enecg.ensemble.tasks import evaluated_as
@@ -164,35 +165,18 @@ def predict_records(
         batch_size: records per forward pass.
         thresholds: task -> label -> decision threshold; default: the ensemble's ``decision_thresholds``.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     loaded = [r if isinstance(r, ECGRecord) else read_record(r) for r in records]
     if thresholds is None:
         thresholds = getattr(ensemble, "decision_thresholds", None) or {}
     thresholds = check_thresholds(ensemble.config, thresholds)
     builder = EnsembleInputBuilder.for_ensemble(ensemble)
-    device = next(ensemble.parameters()).device
     results: list[RecordPrediction] = []
-    was_training = ensemble.training
-    ensemble.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(loaded), batch_size):
-                chunk = loaded[start : start + batch_size]
-                batch = builder(chunk).to(device)
-                output = ensemble(
-                    batch.expert_inputs,
-                    batch.gate_input,
-                    batch.demographics,
-                    **batch.masks(),
-                )
-                explained = _explain(ensemble, output, batch.record_ids, thresholds)
-                for i, prediction in enumerate(explained):
-                    prediction.leads = list(batch.record_leads[i])
-                    prediction.inputs = _inputs_seen(builder, batch, i)
-                results.extend(explained)
-    finally:
-        ensemble.train(was_training)
+    for _, batch, output in run_records(ensemble, in_batches(loaded, batch_size), builder=builder):
+        explained = _explain(ensemble, output, batch.record_ids, thresholds)
+        for i, prediction in enumerate(explained):
+            prediction.leads = list(batch.record_leads[i])
+            prediction.inputs = _inputs_seen(builder, batch, i)
+        results.extend(explained)
     return results
 
 

@@ -259,6 +259,7 @@ def measured_model(kind: str, folder: str | os.PathLike) -> MeasuredModel:
 
         return MeasuredModel(load_light, light_inputs, light_forward)
     if kind == "ensemble":
+        from enecg.ensemble.inference import run_batch
         from enecg.ensemble.inputs import EnsembleInputBuilder
         from enecg.ensemble.model import Ensemble
 
@@ -269,9 +270,7 @@ def measured_model(kind: str, folder: str | os.PathLike) -> MeasuredModel:
             return EnsembleInputBuilder.for_ensemble(model)(synthetic_records(batch_size))
 
         def ensemble_forward(model: torch.nn.Module, batch: Any) -> Any:
-            return model(
-                batch.expert_inputs, batch.gate_input, batch.demographics, **batch.masks()
-            )
+            return run_batch(model, batch)
 
         return MeasuredModel(load_ensemble, ensemble_inputs, ensemble_forward)
     raise ValueError(f"unknown model kind {kind!r} (light | ensemble)")

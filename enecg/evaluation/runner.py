@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from enecg.data.pool import pool_training_part
 from enecg.data.rows import label_arrays, row_to_record
 from enecg.data.schema import DatasetMeta, TaskInfo
 from enecg.ensemble.feature_cache import FeatureCache, build_feature_table
+from enecg.ensemble.inference import run_records
 from enecg.ensemble.inputs import EnsembleBatch, EnsembleInputBuilder
 from enecg.ensemble.model import Ensemble, EnsembleOutput
 from enecg.ensemble.tasks import evaluated_as
@@ -49,6 +50,7 @@ from enecg.evaluation.paired import paired_difference
 from enecg.evaluation.plots import plot_calibration, plot_ecg_12lead, plot_gate_weights, plot_roc_pr
 from enecg.evaluation.report import write_report
 from enecg.evaluation.task_eval import evaluate_task
+from enecg.record import ECGRecord
 from enecg.utils.version import __version__ as ENECG_VERSION
 
 logger = logging.getLogger(__name__)
@@ -88,11 +90,6 @@ class SplitPredictions:
 
 
 # ------------------------------------------------------------------------------------------ running the model
-
-
-def _device_of(module: torch.nn.Module) -> torch.device:
-    parameter = next(module.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
 
 
 def _expert_and_uniform_logits(
@@ -138,7 +135,6 @@ def _shared_head(ensemble: Ensemble, task: str, x: Tensor) -> Tensor:
     return logits.squeeze(-1) if ensemble.tasks[task].is_scalar else logits
 
 
-@torch.no_grad()
 def collect_predictions(
     ensemble: Ensemble,
     part: datasets.Dataset,
@@ -156,7 +152,6 @@ def collect_predictions(
     if len(part) == 0:
         raise ValueError("cannot collect predictions on an empty dataset part")
     builder = EnsembleInputBuilder.for_ensemble(ensemble)
-    device = _device_of(ensemble)
     # dict.fromkeys: a task may be a base column itself (PTB-XL's ``age``/``sex``).
     columns = [
         c for c in dict.fromkeys((*_RECORD_COLUMNS, *(t.name for t in label_tasks))) if c in part.column_names
@@ -170,32 +165,29 @@ def collect_predictions(
     }
     out = SplitPredictions()
     readable: list[np.ndarray] = []
-    was_training = ensemble.training
-    ensemble.eval()
-    try:
+    row_chunks: list[list[dict[str, Any]]] = []
+
+    def record_chunks() -> Iterator[list[ECGRecord]]:
         for start in range(0, len(table), batch_size):
-            batch_columns = table[start : start + batch_size]
-            n = len(batch_columns["record_id"])
-            rows = [{name: values[i] for name, values in batch_columns.items()} for i in range(n)]
-            records = [row_to_record(row) for row in rows]
-            batch = builder(records).to(device)
-            output = ensemble(
-                batch.expert_inputs, batch.gate_input, batch.demographics, **batch.masks()
-            )
-            expert_logits, uniform = _expert_and_uniform_logits(ensemble, batch, output)
-            for name, task in ensemble.tasks.items():
-                _append(chunks["predictions"], name, output.predictions[name])
-                _append(chunks["expert_predictions"], name, task.predict(expert_logits[name]))
-                _append(chunks["uniform_predictions"], name, task.predict(uniform[name]))
-                _append(chunks["gate_weights"], name, output.gate_weights[name])
-            for name, values in label_arrays(rows, list(label_tasks)).items():
-                chunks["labels"].setdefault(name, []).append(values)
-            out.record_ids.extend(str(r.record_id) for r in records)
-            out.patient_ids.extend(str(r.patient_id) for r in records)
-            out.record_leads.extend(list(leads) for leads in batch.record_leads)
-            readable.append(batch.available.cpu().numpy())
-    finally:
-        ensemble.train(was_training)
+            columns = table[start : start + batch_size]
+            rows = [{name: values[i] for name, values in columns.items()} for i in range(len(columns["record_id"]))]
+            row_chunks.append(rows)
+            yield [row_to_record(row) for row in rows]
+
+    for records, batch, output in run_records(ensemble, record_chunks(), builder=builder):
+        rows = row_chunks[-1]
+        expert_logits, uniform = _expert_and_uniform_logits(ensemble, batch, output)
+        for name, task in ensemble.tasks.items():
+            _append(chunks["predictions"], name, output.predictions[name])
+            _append(chunks["expert_predictions"], name, task.predict(expert_logits[name]))
+            _append(chunks["uniform_predictions"], name, task.predict(uniform[name]))
+            _append(chunks["gate_weights"], name, output.gate_weights[name])
+        for name, values in label_arrays(rows, list(label_tasks)).items():
+            chunks["labels"].setdefault(name, []).append(values)
+        out.record_ids.extend(str(r.record_id) for r in records)
+        out.patient_ids.extend(str(r.patient_id) for r in records)
+        out.record_leads.extend(list(leads) for leads in batch.record_leads)
+        readable.append(batch.available.cpu().numpy())
     for key, per_task in chunks.items():
         setattr(out, key, {name: np.concatenate(parts, axis=0) for name, parts in per_task.items()})
     out.readable = np.concatenate(readable, axis=0) if readable else None

@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from enecg.data.schema import TaskInfo
+from enecg.ensemble.inference import evaluating
 from enecg.ensemble.model import Ensemble, EnsembleOutput, seed_rng
 from enecg.ensemble.tasks import evaluated_as, task_type
 from enecg.evaluation.metrics import (
@@ -752,11 +753,9 @@ def collect_expert_logits(ctx: RunContext, label: str, rows: np.ndarray) -> dict
     order, gathered over processes."""
     ensemble = ctx.ensemble
     loader = eval_loader(ctx, label, rows)
-    was_training = ensemble.training
-    ensemble.eval()
     indices: list[Tensor] = []
     logits: dict[str, list[Tensor]] = {}
-    try:
+    with evaluating(ensemble):
         for batch in loader:
             output = forward_batch(ensemble, batch, from_embeddings=ctx.from_embeddings, use_gate=False)
             gathered = ctx.accelerator.gather_for_metrics(
@@ -765,8 +764,6 @@ def collect_expert_logits(ctx: RunContext, label: str, rows: np.ndarray) -> dict
             indices.append(gathered["index"].cpu())
             for task, value in gathered["logits"].items():
                 logits.setdefault(task, []).append(value.float().cpu())
-    finally:
-        ensemble.train(was_training)
     order = torch.cat(indices)
     position = {int(r): i for i, r in enumerate(order.tolist())}
     pick = torch.as_tensor([position[int(r)] for r in rows], dtype=torch.long)
@@ -801,7 +798,6 @@ def evaluate_loader(
     ``model``: the prepared (wrapped) model of a phase, else the run's ensemble itself."""
     accelerator, ensemble = ctx.accelerator, ctx.ensemble
     model = ensemble if model is None else model
-    model.eval()
     preds: dict[str, list[Tensor]] = {}
     expert_preds: dict[str, list[Tensor]] = {}
     labels: dict[str, list[Tensor]] = {}
@@ -812,35 +808,35 @@ def evaluate_loader(
     keys = ["", *names, *(f"{e}/{t}" for e in names for t in ensemble.tasks)]
     sums = torch.zeros(len(keys), dtype=torch.float64)
     counts = torch.zeros(len(keys), dtype=torch.float64)
-    for batch in loader:
-        output = forward_batch(model, batch, from_embeddings=ctx.from_embeddings, use_gate=use_gate)
-        size = len(batch["index"])
-        loss, _ = ensemble.compute_loss(output, batch["labels"])
-        own, own_parts = ensemble.expert_losses(output, batch["labels"])
-        values = [loss, *(own[n] for n in names), *(own_parts[k] for k in keys[1 + len(names) :])]
-        for i, value in enumerate(values):
-            if math.isfinite(float(value)):
-                sums[i] += float(value) * size
-                counts[i] += size
-        for task, weights in output.gate_weights.items():
-            total = weights.detach().float().sum(0)
-            gate_sums[task] = gate_sums[task] + total if task in gate_sums else total
-        gathered = accelerator.gather_for_metrics(
-            {
-                "index": batch["index"],
-                "predictions": output.predictions,
-                "expert_predictions": output.expert_predictions,
-                "labels": batch["labels"],
-            }
-        )
-        indices.append(gathered["index"].cpu())
-        for task, value in gathered["predictions"].items():
-            preds.setdefault(task, []).append(value.float().cpu())
-        for task, value in gathered["expert_predictions"].items():
-            expert_preds.setdefault(task, []).append(value.float().cpu())
-        for task, value in gathered["labels"].items():
-            labels.setdefault(task, []).append(value.float().cpu())
-    model.train()
+    with evaluating(model):  # eval mode, no gradients; the mode it had is restored
+        for batch in loader:
+            output = forward_batch(model, batch, from_embeddings=ctx.from_embeddings, use_gate=use_gate)
+            size = len(batch["index"])
+            loss, _ = ensemble.compute_loss(output, batch["labels"])
+            own, own_parts = ensemble.expert_losses(output, batch["labels"])
+            values = [loss, *(own[n] for n in names), *(own_parts[k] for k in keys[1 + len(names) :])]
+            for i, value in enumerate(values):
+                if math.isfinite(float(value)):
+                    sums[i] += float(value) * size
+                    counts[i] += size
+            for task, weights in output.gate_weights.items():
+                total = weights.detach().float().sum(0)
+                gate_sums[task] = gate_sums[task] + total if task in gate_sums else total
+            gathered = accelerator.gather_for_metrics(
+                {
+                    "index": batch["index"],
+                    "predictions": output.predictions,
+                    "expert_predictions": output.expert_predictions,
+                    "labels": batch["labels"],
+                }
+            )
+            indices.append(gathered["index"].cpu())
+            for task, value in gathered["predictions"].items():
+                preds.setdefault(task, []).append(value.float().cpu())
+            for task, value in gathered["expert_predictions"].items():
+                expert_preds.setdefault(task, []).append(value.float().cpu())
+            for task, value in gathered["labels"].items():
+                labels.setdefault(task, []).append(value.float().cpu())
     totals = accelerator.reduce(torch.stack([sums, counts]).to(accelerator.device), "sum").cpu()
     means = totals[0] / totals[1].clamp(min=1)
     # Mean gate weight per expert (per task and expert with a per-task gate).
