@@ -48,7 +48,7 @@ DEFAULT_OUT = "outputs/quickstart"
 SUMMARY_FILE = "quickstart_summary.json"
 def _default_recipe() -> Path:
     """``recipes/quickstart.yaml`` of a source checkout, else the copy shipped in the wheel (``enecg.recipes``)."""
-    checkout = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+    checkout = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml"
     if checkout.is_file():
         return checkout
     import importlib.resources
@@ -198,7 +198,7 @@ def choose_data_source(
         )
     environ = os.environ if environ is None else environ
     cwd = Path.cwd() if cwd is None else cwd
-    repo_root = Path(__file__).resolve().parents[1] if repo_root is None else repo_root
+    repo_root = Path(__file__).resolve().parents[2] if repo_root is None else repo_root
     if environ.get(DATA_ENV):
         candidates = [(Path(environ[DATA_ENV]) / PTBXL_SAMPLE, f"${DATA_ENV}")]
     else:
