@@ -156,6 +156,10 @@ def test_unknown_override_names_the_command_line(recipe_file: Path) -> None:
         ("--data.feature_cache=sometimes", r"data\.feature_cache: must be one of"),
         ("--model.heads.hidden_sizes=12", r"model\.heads\.hidden_sizes: expected a list"),
         ("--optim.epochs=0", r"optim\.epochs must be >= 1"),  # the section's own validation
+        # Cases a permissive decoder (draccus) accepts silently: a list as a path, a boolean as a count.
+        ("--output.dir=[1, 2]", r"output\.dir: expected a string"),
+        ("--optim.epochs=true", r"optim\.epochs: expected an integer"),
+        ("--optim.lr=null", r"optim\.lr: must not be null"),
     ],
 )
 def test_type_and_value_errors(recipe_file: Path, override: str, pattern: str) -> None:

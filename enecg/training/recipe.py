@@ -10,6 +10,13 @@ Every key is checked against the dataclasses: an unknown key (in the file or on 
 the wrong type is an error naming the key and where it came from, never silently ignored. The ensemble's own
 settings (``model.heads``, ``model.lora``, ``model.gate``) are the :mod:`enecg.ensemble.config` dataclasses
 themselves, so a recipe can set anything the ensemble supports and nothing else.
+
+Why this small engine and not a config library (tried on this schema, draccus 0.11 and transformers'
+``HfArgumentParser``): ``HfArgumentParser`` has no nested dataclasses, and a recipe is sections of them.
+``draccus.decode`` reads every bundled recipe into exactly the same :class:`Recipe`, but it coerces wrong types
+silently (``output.dir: [1, 2]`` becomes the path ``'[1, 2]'``, ``optim.epochs: true`` becomes 1), reports a
+null required value as "Couldn't instantiate class OptimSection", and its command line cannot set a list item
+(``--experts.0.revision=...``). ``tests/test_recipe.py`` pins those cases, so a switch shows up as failures.
 """
 
 from __future__ import annotations
