@@ -25,12 +25,12 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from enecg.contract import InputContract, apply_contract_records
 from enecg.data.rows import label_arrays, rows_to_records
 from enecg.data.schema import DatasetMeta, TaskInfo
-from enecg.ensemble.tasks import evaluated_as
+from enecg.ensemble.config import TaskConfig
+from enecg.ensemble.tasks import Task, build_task, task_type
 from enecg.experts.families.light import LightCNNConfig, build_light_model
 from enecg.experts.inhouse import EXPERT_SPEC_FILE, save_inhouse_expert
 from enecg.leads import STANDARD_12_LEADS
@@ -70,7 +70,7 @@ def create_light_expert(
                 f"({[t.name for t in tasks]})"
             )
         task = matches[0]
-    n_outputs = len(task.names) if task is not None and evaluated_as(task.type) in ("multilabel", "multiclass") else 1
+    n_outputs = task_outputs(task) if task is not None else 1
     config = LightCNNConfig(
         architecture=spec.architecture,
         in_leads=len(spec.leads),
@@ -248,7 +248,7 @@ def train_supervised(
         raise ValueError(f"steps must be >= 1, got {steps}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     generator = np.random.default_rng(seed)
-    mean, std = rows.regression_stats() if evaluated_as(task.type) == "regression" else (0.0, 1.0)
+    mean, std = rows.regression_stats() if task_type(task.type).normalised_targets else (0.0, 1.0)
     result = SupervisedResult(final_loss=float("nan"), steps=steps, target_mean=mean, target_std=std)
     best_state: dict[str, torch.Tensor] | None = None
     model.train()
@@ -316,13 +316,8 @@ def predict_supervised(
     multi-label/binary, softmax for multi-class) or regression values in the target's unit.
     """
     logits, labels = _outputs(model, rows, batch_size)
-    kind = rows.task.type
-    if kind == "multiclass":
-        predictions = torch.softmax(logits, dim=-1)
-    elif kind == "regression":
-        predictions = logits.squeeze(-1) * target_std + target_mean
-    else:
-        predictions = torch.sigmoid(logits.reshape(labels.shape))
+    rules = _task(rows.task, target_mean, target_std)
+    predictions = rules.predict(_task_logits(rules, logits))
     return predictions.numpy().astype(np.float64), labels.numpy().astype(np.float64)
 
 
@@ -332,19 +327,24 @@ def _labelled_rows(labels: np.ndarray, task: TaskInfo) -> np.ndarray:
     return np.flatnonzero(~np.isnan(labels))
 
 
+def _task(info: TaskInfo, mean: float = 0.0, std: float = 1.0) -> Task:
+    """The registered task type of ``info``, normalising targets by ``mean`` / ``std`` where the type does."""
+    normalised = task_type(info.type).normalised_targets
+    extra = {"target_mean": mean, "target_std": std} if normalised else {}
+    return build_task(TaskConfig.from_task_info(info, **extra))
+
+
+def _task_logits(task: Task, logits: torch.Tensor) -> torch.Tensor:
+    """A light model's ``(B, outputs)`` logits in the task's shape (``(B,)`` for one-output types)."""
+    return logits.reshape(len(logits)) if task.is_scalar else logits
+
+
 def _loss(
     logits: torch.Tensor, labels: torch.Tensor, task: TaskInfo, mean: float, std: float
 ) -> torch.Tensor:
-    if evaluated_as(task.type) == "multiclass":
-        keep = ~torch.isnan(labels)
-        return F.cross_entropy(logits[keep], labels[keep].long())
-    if evaluated_as(task.type) == "regression":
-        target = (labels - mean) / std
-        keep = ~torch.isnan(target)
-        return F.mse_loss(logits.squeeze(-1)[keep], target[keep])
-    target = labels.reshape(logits.shape)
-    keep = ~torch.isnan(target)
-    return F.binary_cross_entropy_with_logits(logits[keep], target[keep])
+    # The ensemble's own task loss (NaN labels masked), so a light expert learns what its heads will.
+    rules = _task(task, mean, std)
+    return rules.loss(_task_logits(rules, logits), labels)[0]
 
 
 # --------------------------------------------------------------------- recipe sections of standalone training
@@ -429,7 +429,7 @@ class SupervisedParts:
 
 def task_outputs(task: TaskInfo) -> int:
     """Logits a standalone classifier needs for ``task``."""
-    return len(task.names) if evaluated_as(task.type) in ("multilabel", "multiclass") else 1
+    return task_type(task.type).outputs_for(len(task.names))
 
 
 def select_parts(
