@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_serialization import EXPERTS, TASKS, write_expert
 
 import enecg
 from enecg.data.schema import TaskInfo
@@ -15,7 +16,6 @@ from enecg.ensemble import Ensemble, EnsembleConfig
 from enecg.ensemble.factory import expert_ref
 from enecg.ensemble.serialization import resolved_config
 from enecg.experts import load_expert
-from tests.test_serialization import EXPERTS, TASKS, write_expert
 
 
 @pytest.fixture

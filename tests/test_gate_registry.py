@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_ensemble_model import BATCH, GATE_LENGTH, LEADS, LENGTH, WINDOWS, make_experts
 from torch import Tensor, nn
 
 from enecg.ensemble import Ensemble, EnsembleConfig
 from enecg.ensemble.gates import GATES, Gate, GateOutput, register_gate
-from tests.test_ensemble_model import BATCH, GATE_LENGTH, LEADS, LENGTH, WINDOWS, make_experts
 
 
 class NormGate(Gate):
@@ -19,9 +19,8 @@ class NormGate(Gate):
     name = "toy_norm"
     reads = "embeddings"
 
-    def __init__(self, settings, num_experts, num_groups=1, embedding_dims=None) -> None:
-        super().__init__(settings, num_experts, num_groups, embedding_dims)
-        self.scale = nn.Parameter(torch.ones(num_experts))
+    def build(self) -> None:
+        self.scale = nn.Parameter(torch.ones(self.num_experts))
 
     @classmethod
     def check_settings(cls, settings) -> None:

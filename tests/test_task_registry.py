@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_ensemble_model import BATCH, GATE_LENGTH, LEADS, LENGTH, WINDOWS, make_experts
 from torch import Tensor
 
 from enecg.ensemble import Ensemble, EnsembleConfig
@@ -15,7 +16,6 @@ from enecg.ensemble.config import TaskConfig
 from enecg.ensemble.tasks import TASK_TYPES, Task, build_task, register_task_type
 from enecg.evaluation.metrics import BootstrapConfig
 from enecg.evaluation.task_eval import evaluate_task
-from tests.test_ensemble_model import BATCH, GATE_LENGTH, LEADS, LENGTH, WINDOWS, make_experts
 
 
 class CountTask(Task):

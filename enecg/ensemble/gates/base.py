@@ -112,7 +112,7 @@ class Gate(nn.Module):
     """Base class of the gate kinds: per-record weights over ``num_experts`` experts for ``num_groups`` weight
     vectors (1 shared, or one per task).
 
-    Subclasses set :attr:`name` and :attr:`reads`, build their parameters in ``__init__`` and implement
+    Subclasses set :attr:`name` and :attr:`reads`, create their parameters in :meth:`build` and implement
     :meth:`weights`; :meth:`route` turns router logits into weights the same way for all of them.
 
     Args:
@@ -140,6 +140,10 @@ class Gate(nn.Module):
         self.num_groups = num_groups
         self.embedding_dims = list(embedding_dims or [])
         self.in_features = 0
+        self.build()
+
+    def build(self) -> None:
+        """Create the kind's parameters (called by ``__init__`` once the sizes are set)."""
 
     @property
     def input_kind(self) -> str:

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from enecg.ensemble.config import GateSettings
 from enecg.ensemble.gates.mlp import MLPGate
 from enecg.ensemble.registries import register_gate
 
@@ -23,18 +22,11 @@ class EmbeddingGate(MLPGate):
     name = "embeddings"
     reads = "embeddings"
 
-    def __init__(
-        self,
-        settings: GateSettings,
-        num_experts: int,
-        num_groups: int = 1,
-        embedding_dims: list[int] | None = None,
-    ) -> None:
-        if not embedding_dims or len(embedding_dims) != num_experts:
-            raise ValueError(f"an embedding gate needs {num_experts} embedding sizes, got {embedding_dims}")
-        super().__init__(settings, num_experts, num_groups, embedding_dims)
-
     def feature_size(self) -> int:
+        if len(self.embedding_dims) != self.num_experts:
+            raise ValueError(
+                f"an embedding gate needs {self.num_experts} embedding sizes, got {self.embedding_dims}"
+            )
         return sum(self.embedding_dims)
 
     def features(self, inputs: Tensor | list[Tensor]) -> Tensor:

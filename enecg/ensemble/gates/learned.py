@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from enecg.ensemble.config import GateSettings
 from enecg.ensemble.gates.base import Gate, GateOutput
 from enecg.ensemble.registries import register_gate
 
@@ -20,16 +19,9 @@ class GlobalGate(Gate):
     name = "global"
     reads = None
 
-    def __init__(
-        self,
-        settings: GateSettings,
-        num_experts: int,
-        num_groups: int = 1,
-        embedding_dims: list[int] | None = None,
-    ) -> None:
-        super().__init__(settings, num_experts, num_groups, embedding_dims)
-        self.router_bias = nn.Parameter(torch.zeros(num_groups * num_experts))
-        if not settings.init_uniform or settings.top_k is not None:
+    def build(self) -> None:
+        self.router_bias = nn.Parameter(torch.zeros(self.num_groups * self.num_experts))
+        if not self.settings.init_uniform or self.settings.top_k is not None:
             nn.init.normal_(self.router_bias, std=0.02)
 
     def weights(

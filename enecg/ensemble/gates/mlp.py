@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from enecg.ensemble.config import GateSettings
 from enecg.ensemble.gates.base import Gate, GateOutput
 from enecg.ensemble.heads import make_activation
 
@@ -24,14 +23,8 @@ class MLPGate(Gate):
     feature rows of a record (e.g. the windows of a signal gate) in logit space.
     """
 
-    def __init__(
-        self,
-        settings: GateSettings,
-        num_experts: int,
-        num_groups: int = 1,
-        embedding_dims: list[int] | None = None,
-    ) -> None:
-        super().__init__(settings, num_experts, num_groups, embedding_dims)
+    def build(self) -> None:
+        settings, num_groups, num_experts = self.settings, self.num_groups, self.num_experts
         self.in_features = self.feature_size()
         layers: list[nn.Module] = []
         width = self.in_features
