@@ -30,7 +30,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("hub",),
     ("testing",),
     ("cli",),
-    ("train",),  # enecg/train.py: the module `accelerate launch -m enecg.train` runs, over enecg.cli.train
+    ("train", "embed"),  # enecg/{train,embed}.py: what `accelerate launch -m enecg.train|embed` runs
     ("__init__",),  # the top-level lazy namespace (enecg.Ensemble, ...)
 )
 RANK = {package: rank for rank, packages in enumerate(LAYERS) for package in packages}

@@ -18,6 +18,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "enecg.cli.pretrain",
     "enecg.cli.evaluate",
     "enecg.cli.train",
+    "enecg.cli.embed",
     "enecg.cli.seeds",
     "enecg.cli.quickstart",
 )

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from enecg.training.recipe import Recipe, RecipeError, load_recipe, recipe_help
 from enecg.training.trainer import RunResult, TrainResult, train
+from enecg.utils.distributed import finish_process_group
 
 logger = logging.getLogger(__name__)
 
@@ -195,24 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, FileNotFoundError) as exc:
         print(f"enecg.train: error: {exc}", file=sys.stderr)
         code = 2
-    return _finish(code)
-
-
-def _finish(code: int) -> int:
-    """End a distributed run cleanly: destroy the process group, flush, and leave without interpreter teardown.
-
-    Two-process gloo jobs abort at interpreter exit about one run in five ('terminate called without an active
-    exception') after all work is done; leaving with ``os._exit`` after the process group is destroyed avoids it.
-    """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
+    return finish_process_group(code)
 
 
 # ------------------------------------------------------------------------------------------ `enecg train`

@@ -117,7 +117,7 @@ def _named_sources(experts: Sequence[ExpertSource] | Mapping[str, ExpertSource])
         raise TypeError("experts must be a list or a {name: source} mapping, not a single expert")
     named: dict[str, ExpertSource] = {}
     for source in experts:
-        name = _derived_name(source)
+        name = expert_name(source)
         if name in named:
             raise ValueError(f"two experts would both be named {name!r}: pass a {{name: source}} mapping instead")
         named[name] = source
@@ -126,7 +126,9 @@ def _named_sources(experts: Sequence[ExpertSource] | Mapping[str, ExpertSource])
     return named
 
 
-def _derived_name(source: ExpertSource) -> str:
+def expert_name(source: ExpertSource) -> str:
+    """A name for an expert from its source: ``hubert-ecg-small``, ``org/model`` -> ``model``, a folder -> its
+    last part (letters, digits, ``_`` and ``-`` only)."""
     if isinstance(source, nn.Module):
         raw = getattr(source, "name", None) or getattr(source, "hub_id", None) or type(source).__name__
     else:

@@ -17,8 +17,17 @@ record keys) + ``shard-<hash>.safetensors`` (tensor ``embeddings``, float32 ``(n
 temporary file and renamed; the manifest is rewritten atomically under a file lock, so concurrent runs (or a run
 killed mid-write) never leave a half-written entry visible.
 
-**Processes.** The trainer fills the cache on the main process first (``accelerator.main_process_first()``);
-the other processes then find every record cached and only read.
+**Processes.** :func:`fill_feature_cache` runs on every process: the records are cut into consecutive chunks
+of ``batch_size`` rows and chunk ``c`` belongs to process ``c % num_processes``, so each process embeds its own
+share (the split depends only on row order, not on what is cached, so every process agrees on it without talking).
+Each process writes its shards atomically and merges them into the manifest under the file lock (``fcntl``: one
+node, or a shared filesystem that honours it across nodes). A killed run leaves every flushed shard listed; the
+next run embeds only what is missing. Because a record's batch is the same chunk whatever the number of
+processes, a cache filled by N processes holds the same bits as one filled by one process (same device and
+threads). After a barrier, every process reads the whole table with :func:`build_feature_table`.
+
+**Precision.** Experts run in fp32 by default; ``dtype=torch.bfloat16`` runs them under bf16 autocast and stores
+the result in a separate entry (the key's ``dtype``), never mixed with fp32 embeddings.
 """
 
 from __future__ import annotations
@@ -100,8 +109,9 @@ class CacheKey:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:20]
 
 
-def expert_cache_key(expert: nn.Module) -> CacheKey:
-    """The cache key of a loaded :class:`~enecg.experts.expert.Expert` (its identity, revision and contract)."""
+def expert_cache_key(expert: nn.Module, dtype: torch.dtype = torch.float32) -> CacheKey:
+    """The cache key of a loaded :class:`~enecg.experts.expert.Expert` (its identity, revision and contract) run
+    in ``dtype``."""
     contract = getattr(expert, "contract", None)
     if contract is None:
         raise ValueError(f"{type(expert).__name__} has no input contract: its embeddings cannot be cached")
@@ -122,7 +132,13 @@ def expert_cache_key(expert: nn.Module) -> CacheKey:
         family=str(getattr(spec, "family", "")),
         pooling=str(getattr(spec, "pooling", "")),
         embedding_dim=int(getattr(expert, "embedding_dim", 0)),
+        dtype=dtype_name(dtype),
     )
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``'float32'`` (the name stored in cache keys)."""
+    return str(dtype).removeprefix("torch.")
 
 
 # --------------------------------------------------------------------------------------------------- entries
@@ -191,8 +207,9 @@ class CacheEntry:
             self._shards[file] = tensor
         return self._shards[file]
 
-    def add(self, records: Sequence[str], embeddings: Tensor) -> None:
-        """Store new embeddings (one shard) and list it in the manifest, atomically."""
+    def add(self, records: Sequence[str], embeddings: Tensor, origin: str | None = None) -> None:
+        """Store new embeddings (one shard) and list it in the manifest, atomically; ``origin`` (e.g.
+        ``"process 1 of 2"``) is recorded with the shard."""
         if len(records) == 0:
             return
         embeddings = embeddings.detach().to(torch.float32).cpu().contiguous()
@@ -214,7 +231,10 @@ class CacheEntry:
         with self._locked():
             manifest = self.read_manifest()
             manifest["shards"] = [s for s in manifest["shards"] if s["file"] != name]
-            manifest["shards"].append({"file": name, "records": list(records)})
+            shard: dict[str, Any] = {"file": name, "records": list(records)}
+            if origin is not None:
+                shard["origin"] = origin
+            manifest["shards"].append(shard)
             write_text_atomic(self.manifest_path, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         self._index = None
         self._shards[name] = embeddings
@@ -239,8 +259,10 @@ class FeatureCache:
         safe = _SAFE.sub("_", name).strip("_")[:40] or "expert"
         return CacheEntry(self.root / f"{safe}-{key.digest()}", key)
 
-    def entry_for(self, expert: nn.Module, name: str | None = None) -> CacheEntry:
-        return self.entry(expert_cache_key(expert), name or str(getattr(expert, "name", "expert")))
+    def entry_for(
+        self, expert: nn.Module, name: str | None = None, dtype: torch.dtype = torch.float32
+    ) -> CacheEntry:
+        return self.entry(expert_cache_key(expert, dtype), name or str(getattr(expert, "name", "expert")))
 
 
 # --------------------------------------------------------------------------------------------------- tables
@@ -284,6 +306,142 @@ class FeatureTable:
         return batch
 
 
+RECORD_COLUMNS = ("record_id", "patient_id", "signal", "fs", "leads", "age", "sex", "source", "split")
+
+
+def embed_records(
+    branch: nn.Module,
+    builder: EnsembleInputBuilder,
+    name: str,
+    records: Sequence[ECGRecord],
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """``(len(records), D)`` float32 embeddings of one expert branch (eval mode, no gradients); NaN rows for
+    records its contract refuses (training and evaluation from the cache then route them to other experts)."""
+    prepared = builder(list(records)).to(device)
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=dtype)
+        if dtype != torch.float32
+        else contextlib.nullcontext()
+    )
+    with torch.no_grad(), autocast:
+        embedded = (
+            branch.embed(
+                prepared.expert_inputs[name],
+                prepared.demographics,
+                prepared.window_masks[name],
+                prepared.lead_masks[name],
+                prepared.valid_samples[name],
+            )
+            .float()
+            .cpu()
+        )
+    unreadable = ~prepared.available[:, 0].cpu()
+    if bool(unreadable.any()):
+        embedded[unreadable] = float("nan")
+    return embedded
+
+
+@dataclass
+class FillResult:
+    """What :func:`fill_feature_cache` did on this process: records embedded now and found cached, per expert."""
+
+    computed: dict[str, int]
+    reused: dict[str, int]
+    records: int
+
+
+def fill_feature_cache(
+    branches: dict[str, nn.Module],
+    builders: dict[str, EnsembleInputBuilder],
+    part: datasets.Dataset,
+    cache: FeatureCache,
+    *,
+    process_index: int = 0,
+    num_processes: int = 1,
+    batch_size: int = 64,
+    shard_records: int = 1024,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | None = None,
+    max_records: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> FillResult:
+    """Embed this process's share of ``part`` with every expert branch and store what the cache lacks.
+
+    Args:
+        branches: expert name -> module with ``embed(windows, demographics, window_mask, lead_mask,
+            valid_samples)`` (an :class:`~enecg.ensemble.heads.ExpertBranch`), its ``expert`` giving the key.
+        builders: expert name -> the input builder of that expert's contract alone (``refuse_unreadable=False``).
+        process_index, num_processes: this process's place (``accelerator.process_index`` / ``num_processes``);
+            chunk ``c`` of ``batch_size`` consecutive rows is embedded by process ``c % num_processes``.
+        shard_records: new embeddings are flushed as one shard per expert every this many records (and at the
+            end), so an interrupted run keeps what it flushed.
+        dtype: float32, or bfloat16 (autocast; a separate cache entry).
+        max_records: only the first rows of ``part``.
+        progress: called with the number of records of each chunk this process finished.
+    """
+    if not 0 <= process_index < num_processes:
+        raise ValueError(f"process_index {process_index} outside [0, {num_processes})")
+    device = device or torch.device("cpu")
+    entries = {
+        name: cache.entry_for(branch.expert, name, dtype) for name, branch in branches.items()
+    }
+    columns = [c for c in RECORD_COLUMNS if c in part.column_names]
+    rows_view = part.select_columns(columns).with_format("numpy")
+    n = len(part) if max_records is None else min(len(part), max_records)
+    computed = {name: 0 for name in branches}
+    reused = {name: 0 for name in branches}
+    pending: dict[str, tuple[list[str], list[Tensor]]] = {name: ([], []) for name in branches}
+
+    def flush(name: str) -> None:
+        keys, parts = pending[name]
+        if keys:
+            entries[name].add(keys, torch.cat(parts), origin=f"process {process_index} of {num_processes}")
+            pending[name] = ([], [])
+
+    mine = 0
+    for chunk, start in enumerate(range(0, n, batch_size)):
+        if chunk % num_processes != process_index:
+            continue
+        records, _ = rows_to_records(rows_view[start : min(start + batch_size, n)])
+        keys = [record_key(r) for r in records]
+        for name, branch in branches.items():
+            missing = [i for i, key in enumerate(keys) if key not in entries[name]]
+            reused[name] += len(keys) - len(missing)
+            if not missing:
+                continue
+            embedded = embed_records(
+                branch, builders[name], name, [records[i] for i in missing], device, dtype
+            )
+            pending[name][0].extend(keys[i] for i in missing)
+            pending[name][1].append(embedded)
+            computed[name] += len(missing)
+            if len(pending[name][0]) >= shard_records:
+                flush(name)
+        mine += len(records)
+        if progress is not None:
+            progress(len(records))
+    for name in branches:
+        flush(name)
+    return FillResult(computed=computed, reused=reused, records=mine)
+
+
+def fill_for_ensemble(ensemble: nn.Module, part: datasets.Dataset, cache: FeatureCache, **kwargs: Any) -> FillResult:
+    """:func:`fill_feature_cache` with every expert of ``ensemble`` (eval mode, restored afterwards)."""
+    full = EnsembleInputBuilder.for_ensemble(ensemble)
+    builders = {
+        name: EnsembleInputBuilder({name: c}, refuse_unreadable=False) for name, c in full.contracts.items()
+    }
+    branches = {name: ensemble.branch(name) for name in ensemble.expert_names}
+    was_training = ensemble.training
+    ensemble.eval()
+    try:
+        return fill_feature_cache(branches, builders, part, cache, device=_device(ensemble), **kwargs)
+    finally:
+        ensemble.train(was_training)
+
+
 def build_feature_table(
     ensemble: nn.Module,
     part: datasets.Dataset,
@@ -311,8 +469,9 @@ def build_feature_table(
         if cache is not None
         else {}
     )
-    wanted = ("record_id", "patient_id", "signal", "fs", "leads", "age", "sex", "source", "split")
-    columns = list(dict.fromkeys(c for c in (*wanted, *(t.name for t in tasks)) if c in part.column_names))
+    columns = list(
+        dict.fromkeys(c for c in (*RECORD_COLUMNS, *(t.name for t in tasks)) if c in part.column_names)
+    )
     rows_view = part.select_columns(columns).with_format("numpy")
 
     n = len(part)
@@ -344,26 +503,13 @@ def build_feature_table(
                 missing = [i for i in missing if batch_keys[i] not in fresh[name]]
                 if not missing:
                     continue
-                subset = [records[i] for i in missing]
-                prepared = expert_builders[name](subset).to(_device(ensemble))
-                with torch.no_grad():
-                    embedded = (
-                        ensemble.branch(name)
-                        .embed(
-                            prepared.expert_inputs[name],
-                            prepared.demographics,
-                            prepared.window_masks[name],
-                            prepared.lead_masks[name],
-                            prepared.valid_samples[name],
-                        )
-                        .float()
-                        .cpu()
-                    )
-                # A record this expert cannot read (its contract refused it) is stored as a NaN row: training
-                # and evaluation from the cache then route it to the other experts (Ensemble.forward).
-                unreadable = ~prepared.available[:, 0].cpu()
-                if bool(unreadable.any()):
-                    embedded[unreadable] = float("nan")
+                embedded = embed_records(
+                    ensemble.branch(name),
+                    expert_builders[name],
+                    name,
+                    [records[i] for i in missing],
+                    _device(ensemble),
+                )
                 for row, i in enumerate(missing):
                     fresh[name][batch_keys[i]] = embedded[row]
                 new_keys[name] += [batch_keys[i] for i in missing]
