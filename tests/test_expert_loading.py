@@ -33,7 +33,7 @@ from enecg.experts import (
     load_expert,
     resolve_expert,
 )
-from enecg.experts.family import ExpertFamily, family_names, register_family
+from enecg.experts.family import ExpertFamily, family_names, get_family, register_family
 from enecg.experts.weights import WeightsError, read_weights
 from enecg.leads import STANDARD_12_LEADS
 from enecg.record import ECGRecord, RecordError
@@ -693,6 +693,28 @@ def test_inhouse_light_expert_folder(tmp_path: Path) -> None:
         torch.testing.assert_close(expert.model.state_dict()[key], value)
     out = expert.embed(synthetic_record(STANDARD_12_LEADS, fs=500.0, seconds=10.0))
     assert tuple(out.shape) == (1, expert.embedding_dim)
+
+
+def test_inhouse_expert_of_a_published_family(tmp_path: Path) -> None:
+    """A HuBERT-ECG saved as an in-house expert (e.g. after fine-tuning) loads from its folder: the family does not
+    take the in-house config.json for a published one."""
+    requires_family("hubert_ecg")
+    inhouse = pytest.importorskip("enecg.experts.inhouse")
+    config = json.loads((fixture_dir("hubert_ecg", "tiny_a") / "config.json").read_text())
+    torch.manual_seed(0)
+    model = get_family("hubert_ecg").build(config)
+    contract = InputContract(fs=100.0, leads=STANDARD_12_LEADS, length=500, layout="concat_leads")
+    folder = inhouse.save_inhouse_expert(
+        model, family="hubert_ecg", config=config, contract=contract, folder=tmp_path / "tuned", name="tuned"
+    )
+    expert = load_expert(folder)
+    assert expert.spec.family == "hubert_ecg" and expert.contract == contract
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(expert.model.state_dict()[key], value)
+    assert tuple(expert.embed(synthetic_record(STANDARD_12_LEADS, fs=100.0, seconds=5.0)).shape) == (
+        1,
+        expert.embedding_dim,
+    )
 
 
 def test_bad_record_in_a_batch_is_named(toy_expert: Expert) -> None:
