@@ -155,6 +155,49 @@ def test_an_interrupted_fill_resumes_without_recomputing(
     assert set(cached(tmp_path / "cache")["e0"]) == {record_key(r) for r in records}
 
 
+# Fills the cache as `enecg embed` does and SIGKILLs itself (no cleanup, no flush, no atexit) after two chunks.
+KILLED_DRIVER = """
+import os, signal, sys
+from enecg.training import embed
+from enecg.training.embed import EmbedConfig, embed_dataset
+fill = embed.fill_feature_cache
+def fill_then_die(*args, **kwargs):
+    done = []
+    def progress(n):
+        done.append(n)
+        if len(done) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return fill(*args, **{**kwargs, "progress": progress})
+embed.fill_feature_cache = fill_then_die
+dataset, cache, *experts = sys.argv[1:]
+embed_dataset(EmbedConfig(dataset=dataset, experts=experts, cache_dir=cache, splits=["validation"],
+                          max_records=%d, batch_size=%d, shard_records=%d))
+"""
+
+
+def test_a_killed_embed_resumes_where_it_stopped(
+    ptbxl_training_dataset: Path, expert_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """A real SIGKILL in the middle of `enecg embed`: the next run embeds only the records of unfinished chunks
+    and ends with the same cache as an uninterrupted run."""
+    experts = [f"{name}={folder}" for name, folder in expert_dirs.items()]
+    driver = KILLED_DRIVER % (RECORDS, BATCH, BATCH)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    killed = subprocess.run(
+        [sys.executable, "-c", driver, str(ptbxl_training_dataset), "cache", *experts],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert len(cached(tmp_path / "cache")["e0"]) == 2 * BATCH  # the two finished chunks' shards survived
+    resumed = embed_dataset(config(ptbxl_training_dataset, expert_dirs, tmp_path, out=None))
+    assert resumed.computed == {"validation": {name: RECORDS - 2 * BATCH for name in EXPERTS}}
+    embed_dataset(config(ptbxl_training_dataset, expert_dirs, tmp_path / "fresh", out=None))
+    a, b = cached(tmp_path / "cache"), cached(tmp_path / "fresh" / "cache")
+    for name in EXPERTS:
+        assert a[name].keys() == b[name].keys()
+        assert all(torch.equal(a[name][k], b[name][k]) for k in a[name])
+
+
 def _run(command: list[str], tmp: Path) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(REPO)}
     done = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
