@@ -51,8 +51,13 @@ def config(dataset: Path, experts: dict[str, Path], tmp: Path, **overrides) -> E
     )
 
 
+def shard_lists(entry: Path) -> list[dict]:
+    """The committed shards of a cache entry folder: their files, record keys and origins."""
+    return [json.loads(p.read_text()) for p in sorted(entry.glob("shard-*.records.json"))]
+
+
 def cached(cache_dir: Path, dtype: str = "float32") -> dict[str, dict[str, torch.Tensor]]:
-    """expert name -> record key -> embedding, read straight from the shards the manifests list."""
+    """expert name -> record key -> embedding, read straight from the committed shards."""
     from safetensors.torch import load_file
 
     out: dict[str, dict[str, torch.Tensor]] = {}
@@ -62,7 +67,7 @@ def cached(cache_dir: Path, dtype: str = "float32") -> dict[str, dict[str, torch
             continue
         name = manifest_path.parent.name.rsplit("-", 1)[0]
         vectors = out.setdefault(name, {})
-        for shard in manifest["shards"]:
+        for shard in shard_lists(manifest_path.parent):
             tensor = load_file(str(manifest_path.parent / shard["file"]))["embeddings"]
             vectors.update(dict(zip(shard["records"], tensor)))
     return out
@@ -237,12 +242,8 @@ def test_two_processes_fill_the_same_cache_as_one(
         assert len(a[name]) == RECORDS and a[name].keys() == b[name].keys()
         for key in a[name]:
             assert torch.equal(a[name][key], b[name][key]), (name, key)  # bit for bit
-    # Both processes wrote shards into the one manifest.
-    origins = {
-        shard["origin"]
-        for manifest in (tmp_path / "two").glob("*/manifest.json")
-        for shard in json.loads(manifest.read_text())["shards"]
-    }
+    # Both processes wrote shards into each expert's one entry.
+    origins = {shard["origin"] for entry in (tmp_path / "two").glob("*-*") for shard in shard_lists(entry)}
     assert origins == {"process 0 of 2", "process 1 of 2"}
     t1, t2 = datasets.load_from_disk(str(tmp_path / "one.table")), datasets.load_from_disk(str(tmp_path / "two.table"))
     assert_same_table(t1, t2)

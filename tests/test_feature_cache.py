@@ -17,6 +17,7 @@ from enecg.data.rows import rows_to_records
 from enecg.ensemble.config import EnsembleConfig, ExpertRef, GateSettings, HeadSettings, TaskConfig
 from enecg.ensemble.feature_cache import (
     MANIFEST_FILE,
+    CacheKey,
     FeatureCache,
     build_feature_table,
     expert_cache_key,
@@ -137,13 +138,16 @@ def test_second_epoch_and_second_run_do_not_run_the_experts(
     # Same cache, same seed: the same model.
     assert second.validation == first.validation
 
-    # Layout: one entry per expert with a manifest keyed like the expert, no temporary files left.
+    # Layout: one entry per expert with a manifest keyed like the expert and a record list per shard (which
+    # commits it), every shard committed, no temporary files left.
     entries = sorted(p for p in cache.iterdir() if p.is_dir())
     assert len(entries) == len(expert_dirs)
     for entry in entries:
         manifest = json.loads((entry / MANIFEST_FILE).read_text())
         assert manifest["key"]["contract_digest"] and manifest["key"]["revision"].startswith("sha256:")
-        assert sum(len(s["records"]) for s in manifest["shards"]) == n_records
+        lists = [json.loads(p.read_text()) for p in entry.glob("shard-*.records.json")]
+        assert sum(len(s["records"]) for s in lists) == n_records
+        assert {s["file"] for s in lists} == {p.name for p in entry.glob("shard-*.safetensors")}
         assert not list(entry.glob("*.tmp"))
 
 
@@ -309,3 +313,26 @@ def test_lora_on_experts_disables_the_cache(
                 data__max_records=16,
             )
         )
+
+
+def test_shards_commit_by_their_record_list_and_older_manifests_still_read(tmp_path: Path) -> None:
+    """A shard counts once its record list exists (a shard file alone, as a kill between the two writes leaves
+    it, is ignored and rewritten later); entries written by older versions, with shards listed in
+    manifest.json, still read."""
+    key = CacheKey(expert="org/e", revision="a" * 40, contract_digest="d", embedding_dim=3)
+    entry = FeatureCache(tmp_path).entry(key, "e")
+    entry.add(["r1", "r2"], torch.arange(6.0).reshape(2, 3), origin="process 0 of 1")
+    (entry.directory / "shard-orphan.safetensors").write_bytes(b"half a shard")  # no record list: not committed
+    fresh = FeatureCache(tmp_path).entry(key, "e")
+    assert len(fresh) == 2 and "r1" in fresh
+    torch.testing.assert_close(fresh.get(["r2"]), torch.tensor([[3.0, 4.0, 5.0]]))
+    # The older layout: the same shard listed in manifest.json, no record list beside it.
+    (lists,) = entry.directory.glob("shard-*.records.json")
+    shard = json.loads(lists.read_text())
+    lists.unlink()
+    manifest = json.loads((entry.directory / MANIFEST_FILE).read_text())
+    manifest["shards"] = [shard]
+    (entry.directory / MANIFEST_FILE).write_text(json.dumps(manifest))
+    old = FeatureCache(tmp_path).entry(key, "e")
+    assert len(old) == 2
+    torch.testing.assert_close(old.get(["r1", "r2"]), torch.arange(6.0).reshape(2, 3))

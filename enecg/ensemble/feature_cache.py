@@ -12,17 +12,17 @@ keyed by ``record_id#<hash of the signal, rate and leads>``, so a dataset rebuil
 ids) does not hit embeddings of the other signal. Anything that changes the key is a miss: invalidation is
 by construction, nothing is ever overwritten.
 
-**Layout.** ``<cache>/<expert>-<key digest>/manifest.json`` (the key in clear and the list of shards with their
-record keys) + ``shard-<hash>.safetensors`` (tensor ``embeddings``, float32 ``(n, D)``). A shard is written to a
-temporary file and renamed; the manifest is rewritten atomically under a file lock, so concurrent runs (or a run
-killed mid-write) never leave a half-written entry visible.
+**Layout.** ``<cache>/<expert>-<key digest>/manifest.json`` (the key in clear) + per shard
+``shard-<hash>.safetensors`` (tensor ``embeddings``, float32 ``(n, D)``) and ``shard-<hash>.records.json`` (its
+record keys). Both are written to temporary files and renamed, the record list last: it commits the shard, so
+concurrent runs (or a run killed mid-write) never leave a half-written shard visible, and no shared file is ever
+rewritten (adding a shard costs the same at 800k records as at 500; no lock, so any shared filesystem works).
 
 **Processes.** :func:`fill_feature_cache` runs on every process: the records are cut into consecutive chunks
 of ``batch_size`` rows and chunk ``c`` belongs to process ``c % num_processes``, so each process embeds its own
 share (the split depends only on row order, not on what is cached, so every process agrees on it without talking).
-Each process writes its shards atomically and merges them into the manifest under the file lock (``fcntl``: one
-node, or a shared filesystem that honours it across nodes). A killed run leaves every flushed shard listed; the
-next run embeds only what is missing. Because a record's batch is the same chunk whatever the number of
+Each process writes its shards atomically beside the others' (see Layout). A killed run leaves every flushed
+shard committed; the next run embeds only what is missing. Because a record's batch is the same chunk whatever the number of
 processes, a cache filled by N processes holds the same bits as one filled by one process (same device and
 threads). After a barrier, every process reads the whole table with :func:`build_feature_table`.
 
@@ -33,14 +33,13 @@ the result in a separate entry (the key's ``dtype``), never mixed with fp32 embe
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +60,7 @@ logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
 MANIFEST_FILE = "manifest.json"
+SHARD_LIST_SUFFIX = ".records.json"
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 _weights_digests: dict[tuple[str, int, int], str] = {}
 
@@ -158,15 +158,25 @@ class CacheEntry:
         return self.directory / MANIFEST_FILE
 
     def read_manifest(self) -> dict[str, Any]:
+        """The entry's key and every committed shard: those listed in ``manifest.json`` (caches written before
+        shard lists existed) and those with a shard list beside them (``shard-<hash>.json``)."""
         path = self.manifest_path
-        if not path.is_file():
-            return {"key": asdict(self.key), "shards": []}
-        try:
-            manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: corrupt feature-cache manifest ({exc})") from None
-        if manifest.get("key") != asdict(self.key):
-            raise ValueError(f"{path}: manifest key {manifest.get('key')} does not match {asdict(self.key)}")
+        manifest: dict[str, Any] = {"key": asdict(self.key), "shards": []}
+        if path.is_file():
+            try:
+                manifest = json.loads(path.read_text())
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: corrupt feature-cache manifest ({exc})") from None
+            if manifest.get("key") != asdict(self.key):
+                raise ValueError(f"{path}: manifest key {manifest.get('key')} does not match {asdict(self.key)}")
+        listed = {shard["file"] for shard in manifest["shards"]}
+        for side in sorted(self.directory.glob(f"shard-*{SHARD_LIST_SUFFIX}")):
+            try:
+                shard = json.loads(side.read_text())
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{side}: corrupt shard list ({exc})") from None
+            if shard["file"] not in listed:
+                manifest["shards"].append(shard)
         return manifest
 
     def _load_index(self) -> dict[str, tuple[str, int]]:
@@ -228,25 +238,19 @@ class CacheEntry:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        with self._locked():
-            manifest = self.read_manifest()
-            manifest["shards"] = [s for s in manifest["shards"] if s["file"] != name]
-            shard: dict[str, Any] = {"file": name, "records": list(records)}
-            if origin is not None:
-                shard["origin"] = origin
-            manifest["shards"].append(shard)
+        if not self.manifest_path.is_file():
+            # The entry's key in clear; every writer writes the same text, so a race is harmless.
+            manifest = {"key": asdict(self.key), "shards": []}
             write_text_atomic(self.manifest_path, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        # The shard's record list, written (atomically) after the shard itself, commits it: readers list the
+        # shards that have one. No shared file is rewritten, so writers never wait for each other and the cost
+        # of adding a shard does not grow with the cache.
+        shard: dict[str, Any] = {"file": name, "records": list(records)}
+        if origin is not None:
+            shard["origin"] = origin
+        write_text_atomic(self.directory / f"{name.removesuffix('.safetensors')}{SHARD_LIST_SUFFIX}", json.dumps(shard))
         self._index = None
         self._shards[name] = embeddings
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        with open(self.directory / ".lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 class FeatureCache:
