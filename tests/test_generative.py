@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO_ROOT
 
 from enecg.generative import GenerativeConfig, load_diffusion, train_diffusion
 
@@ -112,3 +113,114 @@ def test_condition_vector_drops_labels_and_flags_it() -> None:
     )
     assert cond[0].tolist() == [1.0, 0.0, 0.0, 0.5, 1.0, 0.0, 0.0]
     assert cond[1].tolist() == [0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+
+
+# ---------------------------------------------------------------------- synthetic records and the guards
+
+
+@pytest.fixture(scope="module")
+def sampled(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from enecg.generative.sampling import sample_to_folder
+
+    out = tmp_path_factory.mktemp("samples")
+    model = load_diffusion(trained)
+    sample_to_folder(model, ["HYP"], 3, out, model_name="enecg-test/ecg-diffusion", seed=1)
+    sample_to_folder(model, ["NORM"], 2, out, model_name="enecg-test/ecg-diffusion", seed=1)
+    return out
+
+
+def test_samples_are_wfdb_records_marked_synthetic_with_a_labels_csv(sampled: Path) -> None:
+    import pandas as pd
+    import wfdb
+
+    table = pd.read_csv(sampled / "labels.csv")
+    assert list(table.columns[:3]) == ["record", "source", "superclass:NORM"]
+    assert len(table) == 5 and set(table["source"]) == {"synthetic:enecg-test/ecg-diffusion"}
+    assert table["superclass:HYP"].tolist() == [1, 1, 1, 0, 0]
+    header = wfdb.rdheader(str(sampled / table["record"][0]))
+    assert header.fs == 100 and header.sig_len == 256 and header.n_sig == 12
+    assert "Synthetic: enecg-test/ecg-diffusion" in header.comments
+
+
+def test_prepared_synthetic_records_join_the_training_part_only(sampled: Path, tmp_path: Path) -> None:
+    from enecg.data.wfdb_folder import WfdbFolderOptions, prepare_wfdb_folder
+
+    options = WfdbFolderOptions(
+        labels=str(sampled / "labels.csv"), validation_fraction=0.4, test_fraction=0.4
+    )
+    parts, meta = prepare_wfdb_folder(sampled, tmp_path / "ds", options, workers=1)
+    assert meta.splits == {"train": 5, "validation": 0, "test": 0}
+    assert meta.task("superclass").names == ["NORM", "MI", "STTC", "CD", "HYP"]
+    assert set(parts["train"]["source"]) == {"synthetic:enecg-test/ecg-diffusion"}
+    assert sorted(map(tuple, parts["train"]["superclass"]))[0] == (0.0, 0.0, 0.0, 0.0, 1.0)
+    with pytest.raises(ValueError, match="cannot be k-folded"):
+        prepare_wfdb_folder(sampled, tmp_path / "kf", WfdbFolderOptions(kfold=2), workers=1)
+
+
+def test_builder_refuses_a_synthetic_row_in_a_test_part(tmp_path: Path) -> None:
+    from enecg.data.build import BuildPlan, RecordJob, build_dataset
+
+    jobs = [RecordJob(path="x", record_id="a", split="test", values={"source": "synthetic:m"})]
+    plan = BuildPlan(source="wfdb", jobs=jobs, tasks=[], parts=["train", "test"], options={})
+    with pytest.raises(ValueError, match="synthetic record"):
+        build_dataset(plan, tmp_path / "ds", workers=1)
+    assert not (tmp_path / "ds").exists()
+
+
+def test_evaluation_refuses_synthetic_rows() -> None:
+    import datasets
+
+    from enecg.evaluation.runner import _part
+
+    parts = datasets.DatasetDict(
+        {"test": datasets.Dataset.from_dict({"source": ["ptbxl", "synthetic:m"], "record_id": ["a", "b"]})}
+    )
+    with pytest.raises(ValueError, match=r"d/test: 1 synthetic record\(s\)"):
+        _part(parts, "test", "d")
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def test_cli_sample_bad_requests_are_one_line_errors(trained: Path, tmp_path: Path, capsys) -> None:
+    from enecg.cli import main
+
+    assert (
+        main(["generate", "sample", str(trained), "--label", "XYZ", "--n", "2", "--out", str(tmp_path)]) == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("enecg: error: unknown label(s) ['XYZ']") and "\n" not in err
+    assert (
+        main(["generate", "sample", str(trained), "--label", "HYP", "--n", "0", "--out", str(tmp_path)]) == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert err == "enecg: error: --n must be at least 1, got 0"
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_trains_from_a_recipe_and_samples(ptbxl_training_dataset: Path, tmp_path: Path, capsys) -> None:
+    import yaml
+
+    from enecg.cli import main
+
+    recipe = tmp_path / "gen.yaml"
+    config = tiny_config(ptbxl_training_dataset, tmp_path / "model", max_steps=2, max_records=16).to_dict()
+    recipe.write_text(yaml.safe_dump(config))
+    assert main(["generate", "train", str(recipe), "--seed=3"]) == 0
+    assert json.loads((tmp_path / "model" / "metrics.json").read_text())["generative_config"]["seed"] == 3
+    out = tmp_path / "samples"
+    assert (
+        main(["generate", "sample", str(tmp_path / "model"), "--label", "MI", "--n", "2", "--out", str(out)])
+        == 0
+    )
+    assert len(list(out.glob("*.hea"))) == 2
+    assert main(["generate", "train", str(recipe), "--bogus=1"]) == 2
+    assert "unknown key(s) ['bogus']" in capsys.readouterr().err
+
+
+def test_example_recipe_keys_are_config_fields() -> None:
+    import yaml
+
+    data = yaml.safe_load((REPO_ROOT / "recipes" / "generate_ptbxl.yaml").read_text())
+    config = GenerativeConfig.from_dict(data)
+    assert config.parts == ("train",) and config.length == 1000

@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "enecg.cli.train",
     "enecg.cli.seeds",
     "enecg.cli.quickstart",
+    "enecg.cli.generate",
 )
 
 
