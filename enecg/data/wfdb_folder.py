@@ -80,7 +80,11 @@ def find_headers(root: Path, limit: int | None = None) -> list[Path]:
 def synthetic_mark(path: Path) -> str | None:
     """The model named by a ``# Synthetic: <model>`` header comment, or None for a real record."""
     hea = path.with_suffix(".hea") if path.suffix != ".hea" else path
-    comments = [line.lstrip("#").strip() for line in hea.read_text().splitlines() if line.startswith("#")]
+    try:  # headers in the wild use any encoding; an unreadable one is the reader's to report (skipped)
+        text = hea.read_bytes().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    comments = [line.lstrip("#").strip() for line in text.splitlines() if line.startswith("#")]
     return comment_fields(comments).get(SYNTHETIC_COMMENT.lower())
 
 

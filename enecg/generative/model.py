@@ -1,11 +1,11 @@
 """A label-conditional 1-D diffusion model of multi-lead ECG, built on diffusers.
 
-:class:`ECGDiffusion` wraps a :class:`diffusers.UNet1DModel` (the Dance Diffusion 1-D UNet, which already takes
-its timestep embedding as extra input channels). The condition -- a task's multi-hot (or one-hot) labels, and
-optionally age and sex -- goes through a small MLP to ``condition_channels`` values that are broadcast along time
-and concatenated to the noisy signal as further input channels. Training drops the condition for a fraction of
-the examples (an "unconditioned" flag is set instead), so one network gives both conditional and unconditional
-noise predictions: sampling may use classifier-free guidance, and the anomaly score can use either.
+:class:`ECGDiffusion` wraps a :class:`diffusers.UNet1DModel` in its temporal-ResNet form (every residual block
+adds a timestep embedding). The condition -- a task's multi-hot (or one-hot) labels, and optionally age and sex --
+goes through a small MLP to an embedding of the same size that is added to the timestep embedding, so every block
+sees it. Training drops the condition for a fraction of the examples (an "unconditioned" flag is set instead), so
+one network gives both conditional and unconditional noise predictions: sampling may use classifier-free
+guidance, and the anomaly score can use either.
 
 Noise is added with a :class:`diffusers.DDPMScheduler` (training) and removed with a
 :class:`diffusers.DDIMScheduler` (sampling, few steps). Signals are in mV divided by ``signal_scale`` (a global
@@ -58,7 +58,7 @@ class DiffusionSpec:
     block_out_channels: list[int] = field(
         default_factory=lambda: [32, 64, 128], metadata={"help": "UNet channels per resolution level."}
     )
-    condition_channels: int = field(default=8, metadata={"help": "Input channels carrying the condition."})
+    condition_hidden: int = field(default=64, metadata={"help": "Hidden width of the condition MLP."})
     train_timesteps: int = field(default=1000, metadata={"help": "DDPM noise levels in training."})
     sample_steps: int = field(default=50, metadata={"help": "DDIM steps when sampling."})
     signal_scale: float = field(
@@ -69,9 +69,13 @@ class DiffusionSpec:
 
     def __post_init__(self) -> None:
         channels = list(self.block_out_channels)
-        # diffusers' 1-D attention blocks use channels // 32 heads: the two deepest levels need >= 32 channels.
-        if len(channels) < 2 or any(c < 32 or c % 32 for c in channels[-2:]):
-            raise ValueError(f"block_out_channels {channels}: the last two must be multiples of 32")
+        # Group norm with 8 groups; each level but the last halves the length.
+        if len(channels) < 2 or any(c % 8 for c in channels):
+            raise ValueError(f"block_out_channels {channels}: two or more levels, each a multiple of 8")
+        if self.length % 2 ** (len(channels) - 1):
+            raise ValueError(
+                f"length {self.length} must be divisible by 2**{len(channels) - 1} (UNet levels)"
+            )
         if self.task_type not in ("multilabel", "multiclass"):
             raise ValueError(
                 f"task {self.task!r} is {self.task_type}; a generative model needs labels "
@@ -102,24 +106,35 @@ class ECGDiffusion(nn.Module):
         super().__init__()
         self.spec = spec
         leads, channels = len(spec.leads), list(spec.block_out_channels)
+        # The condition is embedded to the size of the timestep embedding and added to it (a forward hook on the
+        # UNet's time MLP): every residual block of the UNet sees label + noise level, as in class-conditional
+        # image diffusion, rather than only the first layer.
         self.condition_mlp = nn.Sequential(
-            nn.Linear(spec.condition_dim, 4 * spec.condition_channels),
+            nn.Linear(spec.condition_dim, spec.condition_hidden),
             nn.SiLU(),
-            nn.Linear(4 * spec.condition_channels, spec.condition_channels),
+            nn.Linear(spec.condition_hidden, channels[0]),
         )
+        # diffusers' temporal 1-D UNet (ResNet blocks with a timestep embedding in each; Janner et al.'s Diffuser).
         self.unet = UNet1DModel(
             sample_size=spec.length,
-            in_channels=leads + spec.condition_channels,
+            in_channels=leads,
             out_channels=leads,
-            # The fourier timestep embedding (2 * first block's channels) is concatenated to the input.
-            extra_in_channels=2 * channels[0],
+            down_block_types=("DownResnetBlock1D",) * len(channels),
+            up_block_types=("UpResnetBlock1D",) * (len(channels) - 1),
+            mid_block_type="MidResTemporalBlock1D",
+            out_block_type="OutConv1DBlock",
             block_out_channels=tuple(channels),
-            norm_num_groups=min(8, channels[0]),
-            time_embedding_type="fourier",
-            flip_sin_to_cos=True,
-            use_timestep_embedding=False,
+            act_fn="mish",
+            layers_per_block=1,
+            norm_num_groups=8,
+            time_embedding_type="positional",
+            flip_sin_to_cos=False,
+            freq_shift=1,
+            use_timestep_embedding=True,
         )
-        self.train_scheduler = DDPMScheduler(num_train_timesteps=spec.train_timesteps)
+        self._condition_embedding: torch.Tensor | None = None
+        self.unet.time_mlp.register_forward_hook(self._add_condition)
+        self.train_scheduler = DDPMScheduler(num_train_timesteps=spec.train_timesteps, clip_sample=False)
 
     # ------------------------------------------------------------------ condition
     def condition(
@@ -155,9 +170,17 @@ class ECGDiffusion(nn.Module):
         return torch.cat([vector[:, :k], dropped.float()[:, None], vector[:, k:]], dim=1)
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        """Predicted noise for ``noisy`` ``(B, leads, length)`` at ``timesteps`` ``(B,)``."""
-        channels = self.condition_mlp(condition)[:, :, None].expand(-1, -1, noisy.shape[-1])
-        return self.unet(torch.cat([noisy, channels], dim=1), timesteps).sample
+        """Predicted noise for ``noisy`` ``(B, leads, length)`` at ``timesteps`` ``(B,)`` given ``condition``."""
+        self._condition_embedding = self.condition_mlp(condition)
+        try:
+            return self.unet(noisy, timesteps).sample
+        finally:
+            self._condition_embedding = None
+
+    def _add_condition(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        if self._condition_embedding is None:
+            raise RuntimeError("call ECGDiffusion(...), not its UNet directly: the condition is missing")
+        return output + self._condition_embedding.to(output.dtype)
 
     def loss(self, clean: torch.Tensor, condition: torch.Tensor, generator: torch.Generator | None = None):
         """DDPM epsilon-prediction loss of a batch of clean (scaled) signals."""
@@ -197,32 +220,59 @@ class ECGDiffusion(nn.Module):
         guidance: ``eps_u + s * (eps_c - eps_u)``."""
         if n < 1:
             raise ValueError(f"--n must be at least 1, got {n}")
-        vector = None if labels is None else self.label_vector(labels)
+        vectors = None if labels is None else self.label_vector(labels)[None].expand(n, -1).numpy()
+        return self.sample_conditions(
+            vectors,
+            n,
+            ages=None if age is None else np.full(n, float(age)),
+            sexes=None if sex is None else np.full(n, float(sex)),
+            seed=seed,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            batch_size=batch_size,
+        )
+
+    @torch.no_grad()
+    def sample_conditions(
+        self,
+        labels: np.ndarray | None,
+        n: int,
+        *,
+        ages: np.ndarray | None = None,
+        sexes: np.ndarray | None = None,
+        seed: int = 0,
+        steps: int | None = None,
+        guidance_scale: float = 1.0,
+        batch_size: int = 64,
+    ) -> np.ndarray:
+        """``n`` records, record ``i`` conditioned on row ``i`` of ``labels`` ``(n, K)`` (multi-hot; None:
+        unconditioned) and of ``ages``/``sexes`` (NaN or None: unknown). Returns mV ``(n, leads, length)``."""
+        device = self._device()
+        scheduler = DDIMScheduler(num_train_timesteps=self.spec.train_timesteps, clip_sample=False)
+        scheduler.set_timesteps(steps or self.spec.sample_steps)
         generator = torch.Generator().manual_seed(seed)
         out = []
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
-            out.append(self._sample_batch(vector, b, generator, steps, guidance_scale, age, sex))
-        return np.concatenate(out) * self.spec.signal_scale
+            rows = slice(start, start + b)
 
-    def _sample_batch(self, vector, b, generator, steps, guidance_scale, age, sex) -> np.ndarray:
-        device = self._device()
-        scheduler = DDIMScheduler(num_train_timesteps=self.spec.train_timesteps)
-        scheduler.set_timesteps(steps or self.spec.sample_steps)
-        labels = None if vector is None else vector[None].expand(b, -1).to(device)
-        ages = None if age is None else torch.full((b,), float(age))
-        sexes = None if sex is None else torch.full((b,), float(sex))
-        cond = self.condition(labels, b, ages, sexes)
-        uncond = self.condition(None, b)
-        x = torch.randn((b, len(self.spec.leads), self.spec.length), generator=generator).to(device)
-        for t in scheduler.timesteps:
-            ts = torch.full((b,), int(t), device=device, dtype=torch.long)
-            eps = self(x, ts, cond)
-            if labels is not None and guidance_scale != 1.0:
-                eps_u = self(x, ts, uncond)
-                eps = eps_u + guidance_scale * (eps - eps_u)
-            x = scheduler.step(eps, t, x).prev_sample
-        return x.float().cpu().numpy()
+            cond = self.condition(
+                None if labels is None else _rows(labels, rows).to(device),
+                b,
+                _rows(ages, rows),
+                _rows(sexes, rows),
+            )
+            uncond = self.condition(None, b)
+            x = torch.randn((b, len(self.spec.leads), self.spec.length), generator=generator).to(device)
+            for t in scheduler.timesteps:
+                ts = torch.full((b,), int(t), device=device, dtype=torch.long)
+                eps = self(x, ts, cond)
+                if labels is not None and guidance_scale != 1.0:
+                    eps_u = self(x, ts, uncond)
+                    eps = eps_u + guidance_scale * (eps - eps_u)
+                x = scheduler.step(eps, t, x).prev_sample
+            out.append(x.float().cpu().numpy())
+        return np.concatenate(out) * self.spec.signal_scale
 
     # ------------------------------------------------------------------ reconstruction
     def prepare(self, records: list[ECGRecord]) -> torch.Tensor:
@@ -257,7 +307,8 @@ class ECGDiffusion(nn.Module):
             t = torch.full(
                 (b,), int(level * (self.spec.train_timesteps - 1)), device=device, dtype=torch.long
             )
-            noise = torch.randn(clean.shape, generator=generator).to(device)
+            # One noise draw shared by every record: a record's error does not depend on its batch or position.
+            noise = torch.randn((1, *clean.shape[1:]), generator=generator).to(device).expand_as(clean)
             noisy = self.train_scheduler.add_noise(clean, noise, t)
             eps = self(noisy, t, cond)
             a = alphas[t][:, None, None]
@@ -267,6 +318,10 @@ class ECGDiffusion(nn.Module):
 
     def _device(self) -> torch.device:
         return next(self.parameters()).device
+
+
+def _rows(values: np.ndarray | None, rows: slice) -> torch.Tensor | None:
+    return None if values is None else torch.as_tensor(np.asarray(values[rows], np.float32))
 
 
 # ---------------------------------------------------------------------- save / load

@@ -48,9 +48,9 @@ class GenerativeConfig:
     length: int = field(default=1000, metadata={"help": "Samples per generated record at `fs`."})
     use_age_sex: bool = field(default=True, metadata={"help": "Condition on age and sex as well."})
     block_out_channels: tuple[int, ...] = field(
-        default=(32, 64, 128), metadata={"help": "UNet channels per level (last two multiples of 32)."}
+        default=(32, 64, 128), metadata={"help": "UNet channels per level (multiples of 8)."}
     )
-    condition_channels: int = field(default=8, metadata={"help": "Input channels carrying the condition."})
+    condition_hidden: int = field(default=64, metadata={"help": "Hidden width of the condition MLP."})
     train_timesteps: int = field(default=1000, metadata={"help": "DDPM noise levels."})
     sample_steps: int = field(default=50, metadata={"help": "DDIM steps when sampling (saved as default)."})
     condition_dropout: float = field(
@@ -155,7 +155,7 @@ def load_training_arrays(config: GenerativeConfig) -> tuple[TrainingArrays, Diff
         length=config.length,
         use_age_sex=config.use_age_sex,
         block_out_channels=list(config.block_out_channels),
-        condition_channels=config.condition_channels,
+        condition_hidden=config.condition_hidden,
         train_timesteps=config.train_timesteps,
         sample_steps=config.sample_steps,
         source=f"{meta.source} ({Path(config.data).name}, parts {list(config.parts)})",
