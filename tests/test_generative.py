@@ -317,3 +317,73 @@ def test_anomaly_is_evaluated_as_a_binary_task(trained: Path, ptbxl_training_dat
     )
     assert 0 < result["abnormal"] < result["records"] and 0.0 <= result["auroc"] <= 1.0
     assert result["auroc_ci"][0] <= result["auroc_ci"][1]
+
+
+@pytest.fixture(scope="module")
+def tiny_expert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from enecg.contract import InputContract
+    from enecg.experts.families.light import LightCNNConfig, build_light_model
+    from enecg.experts.inhouse import save_inhouse_expert
+
+    config = LightCNNConfig(architecture="SimpleNet", width_multiplier=0.25, embedding_dim=8)
+    torch.manual_seed(0)
+    contract = InputContract(fs=100.0, length=1000, scaling="zscore_lead")  # 256-sample samples are padded
+    folder = tmp_path_factory.mktemp("expert") / "tiny"
+    return save_inhouse_expert(
+        build_light_model(config),
+        family="light",
+        config=config,
+        contract=contract,
+        folder=folder,
+        name="tiny",
+    )
+
+
+def test_cli_evaluate_writes_frechet_heart_rate_and_tstr(
+    trained: Path, tiny_expert: Path, ptbxl_training_dataset: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from enecg.cli import main
+
+    model = tmp_path / "model"
+    shutil.copytree(trained, model)
+    out = tmp_path / "eval"
+    argv = [
+        "generate",
+        "evaluate",
+        str(model),
+        "--data",
+        str(ptbxl_training_dataset),
+        "--expert",
+        str(tiny_expert),
+    ]
+    assert main([*argv, "--out", str(out), "--n-synthetic", "24", "--steps", "3"]) == 0
+    result = json.loads((out / "evaluation.json").read_text())
+    summary = result["summary"]
+    assert summary["frechet_distance"] > 0 and summary["frechet_floor_real_vs_real"] > 0
+    assert summary["frechet_ratio"] == pytest.approx(
+        summary["frechet_distance"] / summary["frechet_floor_real_vs_real"]
+    )
+    assert 0 <= summary["tstr_macro_auroc"] <= 1 and 0 <= summary["trtr_macro_auroc"] <= 1
+    assert result["sizes"]["synthetic"] == 24 and set(result["tstr"]["per_label"]) == {
+        "NORM",
+        "MI",
+        "STTC",
+        "CD",
+        "HYP",
+    }
+    assert {"real_test", "synthetic"} == set(result["heart_rate"]) and len(
+        result["spectra_mean_abs_log10_difference"]
+    ) == 12
+    assert (out / "summary.png").is_file() and (out / "sample_HYP_0.png").is_file()
+    card = (model / "README.md").read_text()
+    assert "frechet_ratio" in card  # the local model's card now reports its evaluation
+
+
+def test_frechet_distance_is_zero_for_identical_sets_and_grows_with_a_shift() -> None:
+    from enecg.generative.evaluate import frechet_distance
+
+    x = np.random.default_rng(0).standard_normal((200, 4))
+    assert frechet_distance(x, x) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance(x, x + 1.0) == pytest.approx(4.0, rel=1e-6)

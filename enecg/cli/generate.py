@@ -62,7 +62,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--out", type=Path, required=True, help="Folder for evaluation.json and figures.")
     evaluate.add_argument("--train-part", default="train", help="Real training part (TRTR, sampling counts).")
     evaluate.add_argument("--test-part", default="test", help="Real test part (never synthetic).")
-    evaluate.add_argument("--n-per-label", type=int, default=50, help="Synthetic records per label.")
+    evaluate.add_argument(
+        "--n-synthetic", type=int, help="Synthetic records (default: as many as labelled training records)."
+    )
+    evaluate.add_argument("--n-per-label", type=int, default=1, help="12-lead renderings per label.")
     evaluate.add_argument("--seed", type=int, default=0, help="Sampling seed.")
     evaluate.add_argument("--steps", type=int, help="DDIM steps (default: the model's).")
     evaluate.set_defaults(func=_evaluate)
@@ -121,6 +124,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         out=str(args.out),
         train_part=args.train_part,
         test_part=args.test_part,
+        n_synthetic=args.n_synthetic,
         n_per_label=args.n_per_label,
         seed=args.seed,
         steps=args.steps,
