@@ -358,7 +358,8 @@ def test_cli_evaluate_writes_frechet_heart_rate_and_tstr(
         "--expert",
         str(tiny_expert),
     ]
-    assert main([*argv, "--out", str(out), "--n-synthetic", "24", "--steps", "3"]) == 0
+    extra = ["--n-synthetic", "24", "--steps", "3", "--augment", "HYP", "--augment-n", "8"]
+    assert main([*argv, "--out", str(out), *extra]) == 0
     result = json.loads((out / "evaluation.json").read_text())
     summary = result["summary"]
     assert summary["frechet_distance"] > 0 and summary["frechet_floor_real_vs_real"] > 0
@@ -377,6 +378,7 @@ def test_cli_evaluate_writes_frechet_heart_rate_and_tstr(
         result["spectra_mean_abs_log10_difference"]
     ) == 12
     assert (out / "summary.png").is_file() and (out / "sample_HYP_0.png").is_file()
+    assert result["augmentation"]["HYP"]["n_synthetic"] == 8
     card = (model / "README.md").read_text()
     assert "frechet_ratio" in card  # the local model's card now reports its evaluation
 

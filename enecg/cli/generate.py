@@ -66,6 +66,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--n-synthetic", type=int, help="Synthetic records (default: as many as labelled training records)."
     )
     evaluate.add_argument("--n-per-label", type=int, default=1, help="12-lead renderings per label.")
+    evaluate.add_argument(
+        "--augment", action="append", default=[], help="Refit the probe with synthetic records of this label."
+    )
+    evaluate.add_argument("--augment-n", type=int, default=50, help="Synthetic records per --augment label.")
     evaluate.add_argument("--seed", type=int, default=0, help="Sampling seed.")
     evaluate.add_argument("--steps", type=int, help="DDIM steps (default: the model's).")
     evaluate.set_defaults(func=_evaluate)
@@ -126,6 +130,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         test_part=args.test_part,
         n_synthetic=args.n_synthetic,
         n_per_label=args.n_per_label,
+        augment_labels=tuple(args.augment),
+        augment_n=args.augment_n,
         seed=args.seed,
         steps=args.steps,
     )

@@ -57,6 +57,11 @@ class SampleEvaluationConfig:
         default=None, metadata={"help": "Synthetic records (null: as many as labelled training records)."}
     )
     n_per_label: int = field(default=1, metadata={"help": "12-lead renderings per label."})
+    augment_labels: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "Labels whose probe is refitted with synthetic records added (e.g. HYP)."},
+    )
+    augment_n: int = field(default=50, metadata={"help": "Synthetic records added per augmented label."})
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
     steps: int | None = field(default=None, metadata={"help": "DDIM steps (null: the model's)."})
     guidance_scale: float = field(default=1.0, metadata={"help": "Classifier-free guidance when sampling."})
@@ -129,6 +134,12 @@ def _embed(expert: Any, records: list[ECGRecord], batch_size: int) -> np.ndarray
     return torch.cat(chunks).float().cpu().numpy()
 
 
+def _windows(model: ECGDiffusion, records: list[ECGRecord], batch_size: int) -> np.ndarray:
+    """Real records as the model sees them, in mV: ``(n, leads, length)``."""
+    chunks = [model.prepare(records[i : i + batch_size]) for i in range(0, len(records), batch_size)]
+    return (torch.cat(chunks) * model.spec.signal_scale).numpy()
+
+
 def _as_records(signals: np.ndarray, model: ECGDiffusion, prefix: str) -> list[ECGRecord]:
     spec = model.spec
     return [
@@ -189,8 +200,12 @@ def evaluate_samples(config: SampleEvaluationConfig) -> dict[str, Any]:
         batch_size=config.batch_size,
     )
     expert = load_expert(config.expert)
-    real_train = [row_to_record(r) for r in train_rows]
-    real_test = [row_to_record(r) for r in test_rows]
+    # Real records go through the model's own window (rate, leads, length) first, so the expert sees real and
+    # synthetic records cut and padded alike: the distances measure content, not record length.
+    real_train_signals = _windows(model, [row_to_record(r) for r in train_rows], config.batch_size)
+    real_test_signals = _windows(model, [row_to_record(r) for r in test_rows], config.batch_size)
+    real_train = _as_records(real_train_signals, model, "real-train")
+    real_test = _as_records(real_test_signals, model, "real-test")
     e_syn = _embed(expert, _as_records(synthetic, model, "synthetic"), config.batch_size)
     e_train = _embed(expert, real_train, config.batch_size)
     e_test = _embed(expert, real_test, config.batch_size)
@@ -199,7 +214,6 @@ def evaluate_samples(config: SampleEvaluationConfig) -> dict[str, Any]:
     floor_idx = np.arange(min(n_syn, len(e_train)))
     fd_floor = frechet_distance(e_train[floor_idx], e_test)
 
-    real_test_signals = (model.prepare(real_test) * spec.signal_scale).numpy()
     lead = spec.leads.index("II") if "II" in spec.leads else 0
     hr_real, hr_syn = heart_rates(real_test_signals, spec.fs, lead), heart_rates(synthetic, spec.fs, lead)
     freqs, psd_real = lead_spectra(real_test_signals, spec.fs)
@@ -218,6 +232,24 @@ def evaluate_samples(config: SampleEvaluationConfig) -> dict[str, Any]:
     both = (~np.isnan(hr_real).all()) and (~np.isnan(hr_syn).all())
     tstr = probe_auroc(task, e_syn, y_train[pick], e_test, y_test)
     trtr = probe_auroc(task, e_train[labelled], y_train[labelled], e_test, y_test)
+    augmentation = {}
+    for k, label in enumerate(config.augment_labels):
+        extra = model.sample([label], config.augment_n, seed=config.seed + 2000 + k, steps=config.steps)
+        e_extra = _embed(expert, _as_records(extra, model, f"synthetic-{label}"), config.batch_size)
+        y_extra = np.tile(model.label_vector([label]).numpy(), (len(extra), 1))
+        augmented = probe_auroc(
+            task,
+            np.concatenate([e_train[labelled], e_extra]),
+            np.concatenate([y_train[labelled], y_extra]),
+            e_test,
+            y_test,
+        )
+        augmentation[label] = {
+            "n_synthetic": len(extra),
+            "auroc_real": trtr["per_label"][label],
+            "auroc_real_plus_synthetic": augmented["per_label"][label],
+            "delta": augmented["per_label"][label] - trtr["per_label"][label],
+        }
 
     renderings = []
     for k, label in enumerate(spec.label_names):
@@ -259,7 +291,8 @@ def evaluate_samples(config: SampleEvaluationConfig) -> dict[str, Any]:
         "tstr": tstr,
         "trtr": trtr,
         "figures": ["summary.png", *renderings],
-        "not_measured": ["QRS-width distributions"],
+        "augmentation": augmentation,
+        "not_measured": ["QRS-width distributions", "paired CI of the augmentation delta"],
         "config": asdict(config),
     }
     (out / "evaluation.json").write_text(json.dumps(result, indent=2, default=str))
