@@ -60,7 +60,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--data", required=True, help="Prepared dataset with the model's task.")
     evaluate.add_argument("--expert", required=True, help="Frozen expert (folder or Hub ID) for embeddings.")
     evaluate.add_argument("--out", type=Path, required=True, help="Folder for evaluation.json and figures.")
-    evaluate.add_argument("--train-part", default="train", help="Real training part (TRTR, sampling counts).")
+    evaluate.add_argument(
+        "--train-part",
+        action="append",
+        help="Real training part(s) (TRTR; sample conditions). Default: train.",
+    )
     evaluate.add_argument("--test-part", default="test", help="Real test part (never synthetic).")
     evaluate.add_argument(
         "--n-synthetic", type=int, help="Synthetic records (default: as many as labelled training records)."
@@ -126,7 +130,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         data=args.data,
         expert=args.expert,
         out=str(args.out),
-        train_part=args.train_part,
+        train_parts=tuple(args.train_part or ("train",)),
         test_part=args.test_part,
         n_synthetic=args.n_synthetic,
         n_per_label=args.n_per_label,

@@ -51,7 +51,9 @@ class SampleEvaluationConfig:
     data: str = field(metadata={"help": "Prepared dataset carrying the model's task."})
     expert: str = field(metadata={"help": "Frozen expert (folder, Hub ID or spec name) for embeddings."})
     out: str = field(metadata={"help": "Folder for evaluation.json and the figures."})
-    train_part: str = field(default="train", metadata={"help": "Real training part (TRTR; conditions)."})
+    train_parts: tuple[str, ...] = field(
+        default=("train",), metadata={"help": "Real training parts (TRTR; conditions of the samples)."}
+    )
     test_part: str = field(default="test", metadata={"help": "Real test part; never synthetic."})
     n_synthetic: int | None = field(
         default=None, metadata={"help": "Synthetic records (null: as many as labelled training records)."}
@@ -174,12 +176,17 @@ def evaluate_samples(config: SampleEvaluationConfig) -> dict[str, Any]:
     model = load_diffusion(config.model)
     spec = model.spec
     parts, meta = load_dataset_dir(config.data)
-    for name in (config.train_part, config.test_part):
+    for name in (*config.train_parts, config.test_part):
         if name not in parts:
             raise ValueError(f"{config.data}: no part {name!r}; parts: {sorted(parts)}")
     refuse_synthetic(parts[config.test_part]["source"], f"{config.data}/{config.test_part}")
     task = meta.task(spec.task)
-    train_rows = [r for r in parts[config.train_part].with_format("numpy") if not is_synthetic(r["source"])]
+    train_rows = [
+        r
+        for part in config.train_parts
+        for r in parts[part].with_format("numpy")
+        if not is_synthetic(r["source"])
+    ]
     test_rows = list(parts[config.test_part].with_format("numpy"))
     y_train = label_matrix([r[task.name] for r in train_rows], task)
     y_test = label_matrix(label_arrays(test_rows, [task])[task.name].tolist(), task)
