@@ -389,3 +389,11 @@ def test_frechet_distance_is_zero_for_identical_sets_and_grows_with_a_shift() ->
     x = np.random.default_rng(0).standard_normal((200, 4))
     assert frechet_distance(x, x) == pytest.approx(0.0, abs=1e-6)
     assert frechet_distance(x, x + 1.0) == pytest.approx(4.0, rel=1e-6)
+
+
+def test_predict_adds_anomaly_scores_of_the_predicted_records(trained: Path, ptbxl_dir: Path) -> None:
+    from enecg.cli.evaluate import anomaly_scores
+
+    good = str(ptbxl_dir / "records100" / "00000" / "00001_lr")
+    scores = anomaly_scores(str(trained), [(good, object(), None), ("bad.hea", None, "bad.hea: unreadable")])
+    assert list(scores) == [good] and scores[good] > 0
