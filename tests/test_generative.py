@@ -397,3 +397,45 @@ def test_predict_adds_anomaly_scores_of_the_predicted_records(trained: Path, ptb
     good = str(ptbxl_dir / "records100" / "00000" / "00001_lr")
     scores = anomaly_scores(str(trained), [(good, object(), None), ("bad.hea", None, "bad.hea: unreadable")])
     assert list(scores) == [good] and scores[good] > 0
+
+
+# ---------------------------------------------------------------------- recipe augmentation (data.synthetic)
+
+
+def _augmented_recipe(data: Path, model: str, out: Path, per_label: dict[str, int]):
+    from enecg.training.recipe import parse_recipe_dict
+
+    return parse_recipe_dict(
+        {
+            "data": {"path": str(data), "synthetic": {"model": model, "per_label": per_label, "steps": 2}},
+            "experts": [{"name": "a", "source": "experts/a"}],
+            "tasks": [{"name": "superclass"}],
+            "output": {"dir": str(out)},
+        }
+    )
+
+
+def test_recipe_synthetic_records_are_pooled_into_training_only(
+    trained: Path, ptbxl_training_dataset: Path, tmp_path: Path
+) -> None:
+    from enecg.data.build import load_dataset_dir
+    from enecg.data.pool import pool_training_part
+    from enecg.generative.augment import materialize_synthetic
+    from enecg.training.trainer import train
+
+    recipe = _augmented_recipe(ptbxl_training_dataset, str(trained), tmp_path / "run", {"HYP": 3})
+    with pytest.raises(ValueError, match=r"data\.synthetic: generate the records first"):
+        train(recipe)
+    resolved = materialize_synthetic(recipe)
+    assert resolved.data.synthetic is None and len(resolved.data.extra_train) == 1
+    _, meta = load_dataset_dir(resolved.data.extra_train[0])
+    assert meta.splits == {"train": 3, "validation": 0, "test": 0}
+    real, real_meta = load_dataset_dir(ptbxl_training_dataset)
+    pooled = pool_training_part(real["train"], resolved.data.extra_train, [real_meta.task("superclass")])
+    synthetic = [row for row in pooled if row["source"].startswith("synthetic:")]
+    assert len(pooled) == len(real["train"]) + 3 and len(synthetic) == 3
+    assert all(row["superclass"] == [0.0, 0.0, 0.0, 0.0, 1.0] for row in synthetic)
+    with pytest.raises(ValueError, match=r"unknown label\(s\) \['XYZ'\]"):
+        materialize_synthetic(
+            _augmented_recipe(ptbxl_training_dataset, str(trained), tmp_path / "r2", {"XYZ": 1})
+        )
