@@ -64,6 +64,10 @@ class DiffusionSpec:
     signal_scale: float = field(
         default=1.0, metadata={"help": "mV per model unit (std of training signals)."}
     )
+    clip_range: float = field(
+        default=5.0,
+        metadata={"help": "DDIM clips each clean-signal estimate to +-this (model units; 0: no clipping)."},
+    )
     source: str = field(default="", metadata={"help": "Dataset the model was trained on (for the card)."})
     model_type: str = MODEL_TYPE
 
@@ -248,7 +252,13 @@ class ECGDiffusion(nn.Module):
         """``n`` records, record ``i`` conditioned on row ``i`` of ``labels`` ``(n, K)`` (multi-hot; None:
         unconditioned) and of ``ages``/``sexes`` (NaN or None: unknown). Returns mV ``(n, leads, length)``."""
         device = self._device()
-        scheduler = DDIMScheduler(num_train_timesteps=self.spec.train_timesteps, clip_sample=False)
+        # Training signals sit within about +-2.5 model units: clipping the clean estimate far outside that keeps
+        # an undertrained model's sampling from diverging and never touches a plausible ECG.
+        scheduler = DDIMScheduler(
+            num_train_timesteps=self.spec.train_timesteps,
+            clip_sample=self.spec.clip_range > 0,
+            clip_sample_range=self.spec.clip_range or 1.0,
+        )
         scheduler.set_timesteps(steps or self.spec.sample_steps)
         generator = torch.Generator().manual_seed(seed)
         out = []
