@@ -57,7 +57,9 @@ K = 5
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "ptbxl500")
     parser.add_argument("--folds", default="4", help="Test fold groups (0-4), comma-separated.")
     parser.add_argument("--steps", type=int, default=200, help="Training steps per model.")
@@ -66,7 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--channels", default="16,32,64", help="UNet block_out_channels.")
     parser.add_argument("--sample-steps", type=int, default=10, help="DDIM steps.")
     parser.add_argument("--n-synthetic", type=int, default=120, help="Synthetic records for FD / TSTR.")
-    parser.add_argument("--augment", default="HYP", help="Rare labels for the augmentation probe (comma list).")
+    parser.add_argument(
+        "--augment", default="HYP", help="Rare labels for the augmentation probe (comma list)."
+    )
     parser.add_argument("--augment-n", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="Tiny sizes: pipeline and JSON check only.")
@@ -79,7 +83,12 @@ def random_expert(folder: Path) -> Path:
     torch.manual_seed(0)
     contract = InputContract(fs=100.0, length=1000, scaling="zscore_lead")
     return save_inhouse_expert(
-        build_light_model(config), family="light", config=config, contract=contract, folder=folder, name="random"
+        build_light_model(config),
+        family="light",
+        config=config,
+        contract=contract,
+        folder=folder,
+        name="random",
     )
 
 
@@ -125,7 +134,9 @@ def run_fold(args: argparse.Namespace, data: Path, expert: Path, fold: int, work
         "train_parts": list(train_parts),
         "training": {k: metrics[k] for k in ("steps", "records", "parameters", "first_loss", "final_loss")}
         | {"loss_curve": metrics["loss_curve"], "seconds": round(train_s, 1)},
-        "samples": {k: evaluation[k] for k in ("summary", "sizes", "heart_rate", "tstr", "trtr", "augmentation")},
+        "samples": {
+            k: evaluation[k] for k in ("summary", "sizes", "heart_rate", "tstr", "trtr", "augmentation")
+        },
         "spectra_mean_abs_log10_difference": evaluation["spectra_mean_abs_log10_difference"],
         "anomaly": anomaly,
         "seconds": round(time.time() - started, 1),
