@@ -40,7 +40,7 @@ class GenerativeConfig:
         default=("train",), metadata={"help": "Training parts to read; validation/test are refused."}
     )
     fs: float | None = field(
-        default=100.0, metadata={"help": "Rate of generated records (null: the data's)."}
+        default=None, metadata={"help": "Rate of generated records in Hz (null: the data's own rate)."}
     )
     leads: tuple[str, ...] | None = field(
         default=None, metadata={"help": "Leads to generate (null: the leads of the data's first record)."}
