@@ -18,7 +18,7 @@ available offline here): its embeddings are generic random convolutional feature
 
 Usage (repository root)::
 
-    python bench/bench_generative.py                    # small CPU run (one fold group), a few minutes
+    python bench/bench_generative.py                    # small CPU run (one fold group), ~10 min on 2 cores
     python bench/bench_generative.py --folds 0,1,2,3,4 --steps 3000 --length 1000 --channels 32,64,128   # GPU
     python bench/bench_generative.py --quick            # pipeline check only
 """
@@ -62,8 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "ptbxl500")
     parser.add_argument("--folds", default="4", help="Test fold groups (0-4), comma-separated.")
-    parser.add_argument("--steps", type=int, default=200, help="Training steps per model.")
+    parser.add_argument("--steps", type=int, default=300, help="Training steps per model.")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--length", type=int, default=512, help="Samples per record at 100 Hz.")
     parser.add_argument("--channels", default="16,32,64", help="UNet block_out_channels.")
     parser.add_argument("--sample-steps", type=int, default=10, help="DDIM steps.")
@@ -106,7 +107,7 @@ def run_fold(args: argparse.Namespace, data: Path, expert: Path, fold: int, work
         sample_steps=args.sample_steps,
         batch_size=args.batch_size,
         max_steps=args.steps,
-        learning_rate=1e-3,
+        learning_rate=args.learning_rate,
         log_every=max(1, args.steps // 10),
         overwrite=True,
     )
