@@ -26,7 +26,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("experts",),
     ("ensemble",),
     ("evaluation",),
-    ("training", "pretraining"),
+    ("training", "pretraining", "generative"),
     ("hub",),
     ("testing",),
     ("cli",),

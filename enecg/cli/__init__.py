@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "enecg.cli.embed",
     "enecg.cli.seeds",
     "enecg.cli.quickstart",
+    "enecg.cli.generate",
 )
 
 

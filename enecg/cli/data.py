@@ -129,6 +129,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     wfdb.add_argument(
         "--tasks", type=_tasks, default=(), help=f"Comma list of {','.join(WFDB_TASKS)} (default none)."
     )
+    wfdb.add_argument(
+        "--labels",
+        help="CSV of labels: record, [source], one 0/1 column per '<task>:<label>' (enecg generate sample "
+        "writes one as labels.csv).",
+    )
     wfdb.set_defaults(func=_prepare_wfdb)
 
     synthetic = sources.add_parser(
@@ -271,6 +276,7 @@ def _prepare_wfdb(args: argparse.Namespace) -> int:
         tasks=args.tasks,
         hr_target=args.hr_target,
         limit=args.limit,
+        labels=args.labels,
     )
     _, meta = prepare_wfdb_folder(args.root, args.out, options, workers=args.workers, force=args.force)
     _report(meta)

@@ -161,6 +161,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="Let a record lead serve as another, e.g. MLII=II for a Holter's modified lead II (repeatable; "
         "off by default: MLII is not lead II).",
     )
+    predict.add_argument(
+        "--anomaly-model",
+        metavar="MODEL",
+        help="A generative model (enecg generate train; folder or Hub ID): add each record's anomaly score, its "
+        "denoising error (higher = less like the ECGs the model learned).",
+    )
     _add_model_options(predict)
     predict.set_defaults(func=run_predict)
 
@@ -309,6 +315,7 @@ def run_predict(args: argparse.Namespace) -> int:
         return 2
     ensemble = _load_model(args)
     outcomes = _predict_each(ensemble, list(args.records), args.batch_size, aliases)
+    anomaly = anomaly_scores(args.anomaly_model, outcomes, aliases) if args.anomaly_model else {}
     failed = [(path, error) for path, _, error in outcomes if error is not None]
     for _, error in failed:
         print(f"enecg: error: {error}", file=sys.stderr)
@@ -319,7 +326,9 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.json:
         json.dump(
             [
-                result.to_dict() if error is None else {"path": str(path), "error": error}
+                (result.to_dict() | ({"anomaly_score": anomaly[path]} if path in anomaly else {}))
+                if error is None
+                else {"path": str(path), "error": error}
                 for path, result, error in outcomes
             ],
             sys.stdout,
@@ -332,6 +341,8 @@ def run_predict(args: argparse.Namespace) -> int:
             print(f"{path}: ERROR {error}")
             continue
         print(f"{result.record_id} ({path}): leads {', '.join(result.leads)}")
+        if path in anomaly:
+            print(f"  anomaly score (denoising error): {anomaly[path]:.4f}")
         for expert, seen in result.inputs.items():
             if seen.refused:
                 print(f"  {expert}: not used, cannot read this record ({seen.refused})")
@@ -356,6 +367,22 @@ def run_predict(args: argparse.Namespace) -> int:
                 )
                 print(f"    {expert} (gate {weight:.2f}): {value}")
     return 2 if failed else 0
+
+
+def anomaly_scores(
+    model_source: str, outcomes: list[tuple[str, Any, str | None]], lead_aliases: dict[str, str] | None = None
+) -> dict[str, float]:
+    """Path -> anomaly score (:func:`enecg.generative.anomaly.score_anomaly`) of every predicted record."""
+    from enecg.generative.anomaly import score_anomaly
+    from enecg.generative.model import load_diffusion
+    from enecg.io import read_record
+
+    paths = [path for path, _, error in outcomes if error is None]
+    records = [read_record(path) for path in paths]
+    if lead_aliases:
+        records = [record.with_lead_aliases(lead_aliases) for record in records]
+    scores = score_anomaly(load_diffusion(model_source), records) if records else []
+    return {path: float(score) for path, score in zip(paths, scores)}
 
 
 def _describe_value(value: Any, top: int = 4) -> str:

@@ -47,6 +47,10 @@ def _dataset_cards() -> dict:
 def run_recipe_file(config: str, overrides: list[str] | tuple[str, ...] = ()) -> TrainResult:
     """Load ``config`` with ``overrides``, train, and push the model when the recipe asks for it."""
     recipe = load_recipe(config, overrides)
+    if recipe.data.synthetic is not None:
+        from enecg.generative.augment import materialize_synthetic
+
+        recipe = materialize_synthetic(recipe)  # generated records join the training parts only
     result = train(recipe)
     if _rank() == 0:
         _card_saved_models(recipe, result)

@@ -37,7 +37,14 @@ from typing import Any
 import datasets
 from tqdm.auto import tqdm
 
-from enecg.data.schema import META_FILE, SCHEMA_VERSION, DatasetMeta, TaskInfo
+from enecg.data.schema import (
+    META_FILE,
+    SCHEMA_VERSION,
+    DatasetMeta,
+    TaskInfo,
+    is_evaluation_part,
+    refuse_synthetic,
+)
 from enecg.data.splits import assert_patients_disjoint
 from enecg.data.targets import heart_rate_target, heart_rate_task
 from enecg.io import header_path, read_record
@@ -223,6 +230,10 @@ def build_dataset(
     if out.exists() and not (out / META_FILE).is_file() and (not out.is_dir() or any(out.iterdir())):
         raise RuntimeError(f"{out}: exists and is not an enecg dataset; refusing to replace it")
     assert_patients_disjoint((job.patient_id or job.record_id, job.split) for job in plan.jobs)
+    refuse_synthetic(
+        [job.values.get("source", plan.source) for job in plan.jobs if is_evaluation_part(job.split)],
+        f"{out}: validation/test parts",
+    )
     _remove_stale_temporaries(out)
 
     tasks = plan.all_tasks()

@@ -37,10 +37,36 @@ from typing import Any, Literal
 from enecg.utils.files import write_text_atomic
 
 META_FILE = "enecg_dataset.json"
+# ``source`` of a generated record (enecg generate sample): ``synthetic:<model>``. Such rows may join a training
+# part (augmentation) but never a validation/test part or a reported metric.
+SYNTHETIC_PREFIX = "synthetic:"
+# Parts that feed reported metrics (k-fold parts are each a test fold once, so they count too).
+EVALUATION_PARTS = ("validation", "test")
 SCHEMA_VERSION = 1
 
 TaskType = Literal["multilabel", "multiclass", "binary", "regression"]
 BASE_COLUMNS = ("record_id", "patient_id", "source", "signal", "fs", "leads", "age", "sex", "split")
+
+
+def is_synthetic(source: Any) -> bool:
+    """Whether a row's ``source`` marks it generated (``synthetic:<model>``)."""
+    return isinstance(source, str) and source.startswith(SYNTHETIC_PREFIX)
+
+
+def is_evaluation_part(part: str) -> bool:
+    return part in EVALUATION_PARTS or part.startswith("fold_")
+
+
+def refuse_synthetic(rows: Any, where: str) -> None:
+    """Raise ValueError (one line) when any of ``rows`` (row dicts, or ``source`` strings) is synthetic: used by
+    the dataset builders for validation/test parts and by evaluation for every scored record."""
+    sources = [row.get("source") if isinstance(row, dict) else row for row in rows]
+    bad = [s for s in sources if is_synthetic(s)]
+    if bad:
+        raise ValueError(
+            f"{where}: {len(bad)} synthetic record(s) (source {bad[0]!r}); generated records may only join a "
+            "training part, never validation/test or a reported metric"
+        )
 
 
 @dataclass
@@ -82,11 +108,11 @@ class DatasetMeta:
     def load(cls, directory: str | os.PathLike) -> DatasetMeta:
         path = Path(directory) / META_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: not an enecg dataset (no {META_FILE}); run `enecg data prepare`")
+            raise FileNotFoundError(
+                f"{path}: not an enecg dataset (no {META_FILE}); run `enecg data prepare`"
+            )
         data = json.loads(path.read_text())
         if data.get("schema_version") != SCHEMA_VERSION:
             raise ValueError(f"{path}: schema_version {data.get('schema_version')} != {SCHEMA_VERSION}")
         data["tasks"] = [TaskInfo(**t) for t in data["tasks"]]
         return cls(**data)
-
-

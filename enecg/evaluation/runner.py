@@ -37,7 +37,7 @@ from torch import Tensor
 from enecg.data.build import load_dataset_dir
 from enecg.data.pool import pool_training_part
 from enecg.data.rows import label_arrays, row_to_record
-from enecg.data.schema import DatasetMeta, TaskInfo
+from enecg.data.schema import DatasetMeta, TaskInfo, refuse_synthetic
 from enecg.ensemble.feature_cache import FeatureCache, build_feature_table
 from enecg.ensemble.inference import run_records
 from enecg.ensemble.inputs import EnsembleBatch, EnsembleInputBuilder
@@ -253,13 +253,15 @@ def _model_tasks(ensemble: Ensemble, meta: DatasetMeta, where: str) -> tuple[lis
 
 
 def _part(dataset: datasets.DatasetDict, name: str, where: str) -> datasets.Dataset:
+    """An evaluated part; generated records never feed a reported metric."""
     if name not in dataset:
         raise ValueError(f"{where}: no split part {name!r}; parts: {sorted(dataset)}")
+    refuse_synthetic(dataset[name]["source"], f"{where}/{name}")
     return dataset[name]
 
 
-def _all_parts(dataset: datasets.DatasetDict) -> datasets.Dataset:
-    return datasets.concatenate_datasets([dataset[name] for name in sorted(dataset)])
+def _all_parts(dataset: datasets.DatasetDict, where: str) -> datasets.Dataset:
+    return datasets.concatenate_datasets([_part(dataset, name, where) for name in sorted(dataset)])
 
 
 def _evaluate_arrays(
@@ -387,7 +389,7 @@ def evaluate_ensemble(
     test = collect_predictions(ensemble, test_part, tasks, batch_size=batch_size)
     val: SplitPredictions | None = None
     if val_split is not None and val_split in dataset and len(dataset[val_split]) > 0:
-        val = collect_predictions(ensemble, dataset[val_split], tasks, batch_size=batch_size)
+        val = collect_predictions(ensemble, _part(dataset, val_split, where), tasks, batch_size=batch_size)
     elif val_split is not None:
         logger.warning(
             "%s has no part %r (or it is empty): thresholds default to 0.5, no temperature is fitted",
@@ -742,7 +744,8 @@ def _cross_dataset(
         return plan_dict, {}, []
     if cross_split == "all":
         cross_split = None  # every record of the target dataset (the default)
-    part = _part(target_dataset, cross_split, str(target_dir)) if cross_split else _all_parts(target_dataset)
+    where = str(target_dir)
+    part = _part(target_dataset, cross_split, where) if cross_split else _all_parts(target_dataset, where)
     target_tasks = [target_meta.task(name) for name in dict.fromkeys(m.target_task for m in plan.matches)]
     logger.info("Cross-dataset evaluation on %s (%d records)", target_dir, len(part))
     target = collect_predictions(ensemble, part, target_tasks, batch_size=batch_size)

@@ -85,6 +85,26 @@ class LightExpertSpec:
 
 
 @dataclass
+class SyntheticSection:
+    """Generated records (``enecg generate``) that join every run's training part, never validation or test.
+
+    ``enecg train`` samples them before training (:func:`enecg.generative.augment.materialize_synthetic`), writes
+    them under ``<output.dir>/synthetic`` and pools that dataset like ``extra_train``."""
+
+    model: str = field(metadata={"help": "Generative model folder or Hub ID (enecg generate train)."})
+    per_label: dict[str, int] = field(
+        default_factory=dict, metadata={"help": "Records to generate per label, e.g. {HYP: 200}."}
+    )
+    seed: int = field(default=0, metadata={"help": "Sampling seed (same seed, same records)."})
+    guidance_scale: float = field(default=1.0, metadata={"help": "Classifier-free guidance when sampling."})
+    steps: int | None = field(default=None, metadata={"help": "DDIM steps (null: the model's default)."})
+
+    def __post_init__(self) -> None:
+        if not self.per_label or any(not isinstance(n, int) or n < 1 for n in self.per_label.values()):
+            raise ValueError(f"data.synthetic.per_label needs label: count >= 1 entries, got {self.per_label}")
+
+
+@dataclass
 class DataSection:
     """Which prepared dataset (``enecg data prepare``) and which of its parts to use."""
 
@@ -129,6 +149,13 @@ class DataSection:
         metadata={
             "help": "Other prepared datasets whose records all join every run's training part (never validation "
             "or test), e.g. the CinC sample with its `superclass` task; they must carry the recipe's tasks."
+        },
+    )
+    synthetic: SyntheticSection | None = field(
+        default=None,
+        metadata={
+            "help": "Augment the training part with generated records: {model: ID, per_label: {HYP: 200}} "
+            "(enecg train samples them first; they never reach validation or test)."
         },
     )
     feature_cache: FeatureCacheMode = field(

@@ -154,6 +154,12 @@ def train(
         expert_loader: replaces :func:`enecg.experts.expert.load_expert` (tests count or wrap expert calls).
         callbacks: :class:`~enecg.training.loop.TrainerCallback` hooks (tests, benchmarks, custom logging).
     """
+    if recipe.data.synthetic is not None:
+        # Sampling needs enecg.generative (a layer beside this one): enecg train materialises the records first.
+        raise ValueError(
+            "data.synthetic: generate the records first (enecg train does; from Python: "
+            "enecg.generative.augment.materialize_synthetic(recipe))"
+        )
     output_dir = Path(recipe.output.dir)
     get_strategy(recipe.model.strategy)  # an unknown strategy fails before any work
     accelerator = make_accelerator(recipe, accelerator_kwargs)

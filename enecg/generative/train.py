@@ -1,0 +1,253 @@
+"""Training a label-conditional ECG diffusion model: :class:`GenerativeConfig` and :func:`train_diffusion`.
+
+Only training parts are read: a config naming ``validation`` or ``test`` is refused, and rows already marked
+synthetic (``source`` ``synthetic:...``) are left out, so a model never learns from generated records. The loop
+runs under ``accelerate`` (one process, or several with ``accelerate launch``); the model is saved Hub-ready on
+the main process (:func:`~enecg.generative.model.save_diffusion`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from enecg.contract import apply_contract_array
+from enecg.data.build import load_dataset_dir
+from enecg.data.schema import EVALUATION_PARTS, TaskInfo, is_synthetic
+from enecg.generative.model import DiffusionSpec, ECGDiffusion, save_diffusion
+
+logger = logging.getLogger(__name__)
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+@dataclass
+class GenerativeConfig:
+    """A training run (``recipes/generate_ptbxl.yaml`` documents each key)."""
+
+    data: str = field(metadata={"help": "A prepared enecg dataset folder (enecg data prepare ...)."})
+    task: str = field(metadata={"help": "Label set to condition on (a multilabel or multiclass task)."})
+    output_dir: str = field(metadata={"help": "Folder the Hub-ready model is written to."})
+    parts: tuple[str, ...] = field(
+        default=("train",), metadata={"help": "Training parts to read; validation/test are refused."}
+    )
+    fs: float | None = field(
+        default=None, metadata={"help": "Rate of generated records in Hz (null: the data's own rate)."}
+    )
+    leads: tuple[str, ...] | None = field(
+        default=None, metadata={"help": "Leads to generate (null: the leads of the data's first record)."}
+    )
+    length: int = field(default=1000, metadata={"help": "Samples per generated record at `fs`."})
+    use_age_sex: bool = field(default=True, metadata={"help": "Condition on age and sex as well."})
+    block_out_channels: tuple[int, ...] = field(
+        default=(32, 64, 128), metadata={"help": "UNet channels per level (multiples of 8)."}
+    )
+    condition_hidden: int = field(default=64, metadata={"help": "Hidden width of the condition MLP."})
+    train_timesteps: int = field(default=1000, metadata={"help": "DDPM noise levels."})
+    sample_steps: int = field(default=50, metadata={"help": "DDIM steps when sampling (saved as default)."})
+    condition_dropout: float = field(
+        default=0.1,
+        metadata={"help": "Fraction of examples trained unconditioned (classifier-free guidance)."},
+    )
+    batch_size: int = field(default=16, metadata={"help": "Records per optimisation step (per process)."})
+    learning_rate: float = field(default=2e-4, metadata={"help": "AdamW learning rate."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    max_steps: int = field(default=500, metadata={"help": "Optimisation steps."})
+    max_records: int | None = field(
+        default=None, metadata={"help": "Use only the first N records; null: all."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of initialisation, batches and noise."})
+    log_every: int = field(default=20, metadata={"help": "Steps between loss logs (and loss-curve points)."})
+    mixed_precision: str = field(default="no", metadata={"help": f"One of {MIXED_PRECISION}."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a model already in output_dir."})
+
+    def __post_init__(self) -> None:
+        self.parts = tuple(self.parts)
+        self.block_out_channels = tuple(self.block_out_channels)
+        if self.leads is not None:
+            self.leads = tuple(self.leads)
+        refused = [p for p in self.parts if p in EVALUATION_PARTS]
+        if refused:
+            raise ValueError(f"parts {refused}: a generative model trains on training parts only")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision {self.mixed_precision!r}: one of {MIXED_PRECISION}")
+        if self.max_steps < 1 or self.batch_size < 1 or self.length < 8:
+            raise ValueError("max_steps and batch_size must be >= 1 and length >= 8")
+        if not 0.0 <= self.condition_dropout < 1.0:
+            raise ValueError(f"condition_dropout {self.condition_dropout}: must be in [0, 1)")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "recipe") -> GenerativeConfig:
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ValueError(f"{source}: unknown key(s) {unknown}; known: {names}")
+        try:
+            return cls(**data)
+        except TypeError as exc:  # a required key is missing
+            raise ValueError(f"{source}: {exc}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> GenerativeConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: recipe not found")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a recipe must be a mapping of GenerativeConfig keys")
+        data.update(overrides or {})
+        return cls.from_dict(data, str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass
+class TrainingArrays:
+    """The training part in memory: scaled signals and conditions (small datasets; PTB-XL-500 is ~24 MB)."""
+
+    signals: np.ndarray  # float32 (N, leads, length), mV
+    labels: np.ndarray  # float32 (N, K), NaN rows = unlabelled
+    age: np.ndarray
+    sex: np.ndarray
+
+
+def label_matrix(values: list[Any], task: TaskInfo) -> np.ndarray:
+    """A task column -> ``(N, K)`` multi-hot (a multiclass index becomes one-hot; missing -> NaN row)."""
+    k = len(task.names)
+    if task.type == "multilabel":
+        return np.asarray(values, dtype=np.float32).reshape(len(values), k)
+    out = np.full((len(values), k), np.nan, dtype=np.float32)
+    for i, value in enumerate(values):
+        if value is not None and not math.isnan(float(value)):
+            out[i] = 0.0
+            out[i, int(value)] = 1.0
+    return out
+
+
+def load_training_arrays(config: GenerativeConfig) -> tuple[TrainingArrays, DiffusionSpec]:
+    """Read the training parts (synthetic rows left out) and derive the model spec from them."""
+    parts, meta = load_dataset_dir(config.data)
+    missing = [p for p in config.parts if p not in parts]
+    if missing:
+        raise ValueError(f"{config.data}: no part(s) {missing}; parts: {sorted(parts)}")
+    task = meta.task(config.task)
+    rows = [row for part in config.parts for row in parts[part] if not is_synthetic(row["source"])]
+    rows = rows[: config.max_records] if config.max_records else rows
+    if not rows:
+        raise ValueError(f"{config.data}: no real records in parts {list(config.parts)}")
+    leads = list(config.leads or rows[0]["leads"])
+    fs = float(config.fs or rows[0]["fs"])
+    spec = DiffusionSpec(
+        task=task.name,
+        task_type=task.type,
+        label_names=list(task.names),
+        leads=leads,
+        fs=fs,
+        length=config.length,
+        use_age_sex=config.use_age_sex,
+        block_out_channels=list(config.block_out_channels),
+        condition_hidden=config.condition_hidden,
+        train_timesteps=config.train_timesteps,
+        sample_steps=config.sample_steps,
+        source=f"{meta.source} ({Path(config.data).name}, parts {list(config.parts)})",
+    )
+    contract = spec.contract()
+    signals = np.stack(
+        [
+            apply_contract_array(
+                np.asarray(r["signal"], np.float32), r["fs"], r["leads"], contract, source=r["record_id"]
+            ).windows[0]
+            for r in rows
+        ]
+    )
+    arrays = TrainingArrays(
+        signals=signals,
+        labels=label_matrix([r[task.name] for r in rows], task),
+        age=np.asarray([np.nan if r["age"] is None else r["age"] for r in rows], np.float32),
+        sex=np.asarray([np.nan if r["sex"] is None else r["sex"] for r in rows], np.float32),
+    )
+    # One global amplitude keeps the leads' relative sizes; robust to a few saturated records.
+    spec.signal_scale = float(np.percentile(np.abs(signals), 99) / 2.5) or 1.0
+    return arrays, spec
+
+
+def train_diffusion(config: GenerativeConfig) -> Path:
+    """Train and save; returns the model folder. ``metrics.json`` holds the loss curve and the config."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    out = Path(config.output_dir)
+    if (out / "config.json").is_file() and not config.overwrite:
+        raise ValueError(f"{out}: already holds a model; set overwrite: true or choose another output_dir")
+    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    set_seed(config.seed)
+    arrays, spec = load_training_arrays(config)
+    model = ECGDiffusion(spec)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    dataset = torch.utils.data.TensorDataset(
+        torch.from_numpy(arrays.signals / spec.signal_scale).float(),
+        torch.from_numpy(arrays.labels),
+        torch.from_numpy(arrays.age),
+        torch.from_numpy(arrays.sex),
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        shuffle=True,
+        drop_last=len(dataset) > config.batch_size,
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    core: ECGDiffusion = accelerator.unwrap_model(model)
+    drop_generator = torch.Generator().manual_seed(config.seed + 1)
+    curve: list[dict[str, float]] = []
+    window: list[float] = []
+    step, started = 0, time.time()
+    model.train()
+    while step < config.max_steps:
+        for signals, labels, age, sex in loader:
+            # Unlabelled rows and a random fraction train the unconditioned branch.
+            drop = torch.rand(signals.shape[0], generator=drop_generator) < config.condition_dropout
+            drop = (drop.to(labels.device) | labels.isnan().all(dim=1)).to(signals.device)
+            condition = core.condition(labels, signals.shape[0], age, sex, drop)
+            with accelerator.autocast():
+                loss = core.loss(signals, condition)
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+            step += 1
+            window.append(float(accelerator.gather(loss.detach()[None]).mean()))
+            if step % config.log_every == 0 or step == config.max_steps:
+                curve.append({"step": step, "loss": float(np.mean(window))})
+                logger.info("step %d loss %.4f", step, curve[-1]["loss"])
+                window = []
+            if step >= config.max_steps:
+                break
+    metrics = {
+        "steps": step,
+        "records": len(dataset),
+        "label_counts": {
+            name: int(np.nansum(arrays.labels[:, i])) for i, name in enumerate(spec.label_names)
+        },
+        "parameters": int(sum(p.numel() for p in core.parameters())),
+        "first_loss": curve[0]["loss"],
+        "final_loss": curve[-1]["loss"],
+        "loss_curve": curve,
+        "seconds": round(time.time() - started, 1),
+        "generative_config": config.to_dict(),
+    }
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_diffusion(core.eval(), out, metrics)
+    return out
