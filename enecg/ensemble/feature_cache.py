@@ -52,6 +52,7 @@ from torch import Tensor, nn
 
 from enecg.data.rows import label_arrays, rows_to_records
 from enecg.data.schema import TaskInfo
+from enecg.ensemble.inference import device_of
 from enecg.ensemble.inputs import EnsembleInputBuilder
 from enecg.record import ECGRecord, demographics_array
 from enecg.utils.files import write_text_atomic
@@ -356,6 +357,22 @@ class FillResult:
     records: int
 
 
+def computed_over_processes(
+    filled: dict[str, FillResult], device: torch.device | str | None = None
+) -> dict[str, dict[str, int]]:
+    """``{part: {expert: records embedded now}}`` summed over every process (each fill counts only its own
+    share); a single process returns its own counts. Every process must call it (a collective)."""
+    from accelerate.utils import reduce
+
+    flat = [(part, name) for part, result in filled.items() for name in result.computed]
+    local = torch.tensor([float(filled[part].computed[name]) for part, name in flat], device=device)
+    total = reduce(local, "sum").cpu().tolist() if flat else []
+    out: dict[str, dict[str, int]] = {part: {} for part in filled}
+    for (part, name), value in zip(flat, total):
+        out[part][name] = round(value)
+    return out
+
+
 def fill_feature_cache(
     branches: dict[str, nn.Module],
     builders: dict[str, EnsembleInputBuilder],
@@ -441,7 +458,7 @@ def fill_for_ensemble(ensemble: nn.Module, part: datasets.Dataset, cache: Featur
     was_training = ensemble.training
     ensemble.eval()
     try:
-        return fill_feature_cache(branches, builders, part, cache, device=_device(ensemble), **kwargs)
+        return fill_feature_cache(branches, builders, part, cache, device=device_of(ensemble), **kwargs)
     finally:
         ensemble.train(was_training)
 
@@ -512,7 +529,7 @@ def build_feature_table(
                     expert_builders[name],
                     name,
                     [records[i] for i in missing],
-                    _device(ensemble),
+                    device_of(ensemble),
                 )
                 for row, i in enumerate(missing):
                     fresh[name][batch_keys[i]] = embedded[row]
@@ -550,8 +567,3 @@ def build_feature_table(
 
 def _demographics(records: Sequence[ECGRecord]) -> Tensor:
     return torch.from_numpy(demographics_array(records))
-
-
-def _device(module: nn.Module) -> torch.device:
-    parameter = next(module.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")

@@ -33,6 +33,7 @@ from enecg.ensemble.feature_cache import (
     RECORD_COLUMNS,
     FeatureCache,
     FillResult,
+    computed_over_processes,
     fill_feature_cache,
     record_key,
 )
@@ -121,12 +122,11 @@ def embed_dataset(config: EmbedConfig, state: Any | None = None) -> EmbedResult:
     cache = FeatureCache(config.cache_dir or default_cache_dir())
     dtype = DTYPES[config.dtype]
     branches, builders = _load(config, state.device)
-    computed: dict[str, dict[str, int]] = {}
+    filled: dict[str, FillResult] = {}
     for split in wanted:
         part = parts[split]
-        n = len(part) if config.max_records is None else min(len(part), config.max_records)
-        bar = _progress_bar(config, state, split, n)
-        result = fill_feature_cache(
+        bar = _progress_bar(config, state, split, _part_size(part, config))
+        filled[split] = fill_feature_cache(
             branches,
             builders,
             part,
@@ -142,7 +142,7 @@ def embed_dataset(config: EmbedConfig, state: Any | None = None) -> EmbedResult:
         )
         if bar is not None:
             bar.close()
-        computed[split] = _summed(state, result)
+    computed = computed_over_processes(filled, state.device)
     state.wait_for_everyone()
     reused = {
         split: {name: _part_size(parts[split], config) - count for name, count in per.items()}
@@ -255,17 +255,6 @@ def _progress_bar(config: EmbedConfig, state: Any, split: str, n: int) -> Any:
     )
     suffix = f" (process 0 of {state.num_processes})" if state.num_processes > 1 else ""
     return tqdm(total=mine, desc=f"embed {split}{suffix}", unit="rec", dynamic_ncols=True)
-
-
-def _summed(state: Any, result: FillResult) -> dict[str, int]:
-    names = list(result.computed)
-    local = torch.tensor([float(result.computed[n]) for n in names], dtype=torch.float64)
-    if state.num_processes > 1:
-        import torch.distributed as dist
-
-        local = local.to(state.device)
-        dist.all_reduce(local)
-    return {name: round(float(v)) for name, v in zip(names, local.cpu().tolist())}
 
 
 def _part_size(part: datasets.Dataset, config: EmbedConfig) -> int:

@@ -39,7 +39,13 @@ from enecg.data.pool import pool_training_part
 from enecg.data.schema import DatasetMeta, TaskInfo
 from enecg.ensemble.config import EnsembleConfig, TaskConfig
 from enecg.ensemble.factory import expert_ref
-from enecg.ensemble.feature_cache import FeatureCache, FeatureTable, build_feature_table, fill_for_ensemble
+from enecg.ensemble.feature_cache import (
+    FeatureCache,
+    FeatureTable,
+    build_feature_table,
+    computed_over_processes,
+    fill_for_ensemble,
+)
 from enecg.ensemble.inputs import EnsembleInputBuilder
 from enecg.ensemble.model import Ensemble
 from enecg.ensemble.tasks import evaluated_as, task_type
@@ -259,7 +265,7 @@ def _train_run(
             tables[label] = build_feature_table(
                 ensemble, part, task_infos, cache, batch_size=recipe.optim.eval_batch_size
             )
-        cache_stats["computed"] = _summed_over_processes(accelerator, {k: f.computed for k, f in filled.items()})
+        cache_stats["computed"] = computed_over_processes(filled, accelerator.device)
         cache_stats["reused"] = {
             label: {name: len(tables[label]) - count for name, count in per_expert.items()}
             for label, per_expert in cache_stats["computed"].items()
@@ -544,19 +550,6 @@ def _save_model(model: Ensemble, directory: Path) -> Path | None:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-
-
-def _summed_over_processes(
-    accelerator: Accelerator, counts: dict[str, dict[str, int]]
-) -> dict[str, dict[str, int]]:
-    """``{part: {expert: count}}`` summed over every process (each counted only its own share)."""
-    flat = [(part, name) for part, per in counts.items() for name in per]
-    local = torch.tensor([float(counts[part][name]) for part, name in flat], device=accelerator.device)
-    total = accelerator.reduce(local, "sum").cpu().tolist() if flat else []
-    out: dict[str, dict[str, int]] = {part: {} for part in counts}
-    for (part, name), value in zip(flat, total):
-        out[part][name] = round(value)
-    return out
 
 
 def _summarise(results: list[RunResult]) -> dict[str, Any]:
