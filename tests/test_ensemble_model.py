@@ -431,9 +431,9 @@ def test_config_json_round_trip(tmp_path):
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (lambda d: d.update(unknown=1), "unknown EnsembleConfig keys \\['unknown'\\]"),
-        (lambda d: d["gate"].update(topk=1), "gate: unknown GateSettings keys \\['topk'\\]"),
-        (lambda d: d["experts"][0].update(sha="x"), "unknown ExpertRef keys"),
+        (lambda d: d.update(unknown=1), "ensemble config: unknown key 'unknown'"),
+        (lambda d: d["gate"].update(topk=1), "unknown key 'gate.topk'; known keys of gate"),
+        (lambda d: d["experts"][0].update(sha="x"), "unknown key 'experts.0.sha'"),
         (lambda d: d["gate"]["contract"].update(rate=1), "unknown input-contract keys"),
         (lambda d: d["gate"].update(top_k=4), "exceeds the number of experts"),
         (lambda d: d["experts"].append(dict(d["experts"][0])), "duplicate expert names"),

@@ -141,7 +141,7 @@ def test_input_and_demographics_are_checked() -> None:
         fused(torch.randn(2, 12, 1000), torch.zeros(2, 3))
     with pytest.raises(ValueError, match="unknown light architecture"):
         LightCNNConfig("ResNet1000")
-    with pytest.raises(ValueError, match="unknown light config keys"):
+    with pytest.raises(ValueError, match="unknown key"):
         LightCNNConfig.from_dict({"architecture": "SimpleNet", "depth": 3})
 
 

@@ -11,14 +11,13 @@ from enecg.cli import build_parser
 from enecg.ensemble.config import GateSettings, HeadSettings
 from enecg.training.data import plan_runs
 from enecg.training.recipe import (
-    COMMAND_LINE,
     Recipe,
     RecipeError,
     load_recipe,
-    parse_overrides,
     parse_recipe_dict,
     recipe_help,
 )
+from enecg.utils.config import COMMAND_LINE, parse_overrides
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 FM_HUB_IDS = {
@@ -114,7 +113,7 @@ def test_unknown_key_in_yaml_names_key_and_file(tmp_path: Path) -> None:
     with pytest.raises(RecipeError) as info:
         load_recipe(path)
     message = str(info.value)
-    assert str(path) in message and "unknown recipe key 'optim.learning_rate'" in message
+    assert str(path) in message and "unknown key 'optim.learning_rate'" in message
     assert "\n" not in message
 
 
@@ -125,7 +124,7 @@ def test_unknown_nested_and_top_level_keys(tmp_path: Path) -> None:
         load_recipe(nested)
     top = tmp_path / "top.yaml"
     top.write_text(MINIMAL + "optimizer:\n  lr: 1\n")
-    with pytest.raises(RecipeError, match="unknown recipe key 'optimizer'"):
+    with pytest.raises(RecipeError, match="unknown key 'optimizer'"):
         load_recipe(top)
     in_list = tmp_path / "list.yaml"
     in_list.write_text(MINIMAL.replace("    revision: main", "    revison: main"))
@@ -173,7 +172,7 @@ def test_missing_required_and_bad_files(tmp_path: Path) -> None:
     path.write_text("data: {path: x}\nexperts: [{name: a, source: b}]\ntasks: [{name: t}]\n")
     with pytest.raises(RecipeError, match=r"missing required key 'output'"):
         load_recipe(path)
-    with pytest.raises(RecipeError, match="recipe file not found"):
+    with pytest.raises(RecipeError, match=r"absent\.yaml: file not found"):
         load_recipe(tmp_path / "absent.yaml")
     broken = tmp_path / "broken.yaml"
     broken.write_text("data: [unclosed\n")

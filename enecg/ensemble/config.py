@@ -8,18 +8,18 @@ the same expert weights.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from enecg.contract import InputContract
-from enecg.data.schema import TaskInfo, TaskType
+from enecg.data.schema import TaskInfo
 from enecg.ensemble.registries import GATES, TASK_TYPES
+from enecg.utils.config import ConfigMixin, decode
 from enecg.utils.files import write_text_atomic
 
 CONFIG_FILE = "config.json"
@@ -29,7 +29,6 @@ FORMAT_VERSION = 1
 
 RegressionLoss = Literal["mse", "huber"]
 Activation = Literal["relu", "gelu", "silu", "tanh"]
-GateInput = Literal["signal", "embeddings", "global", "uniform"]
 Combine = Literal["predictions", "embeddings"]
 MixSpace = Literal["probabilities", "logits"]
 TaskWeighting = Literal["static", "uncertainty"]
@@ -54,16 +53,6 @@ def _check_name(kind: str, name: Any) -> None:
         raise ValueError(f"{kind} name {name!r} must not start with 'lora_' (peft reserves that prefix)")
 
 
-def _check_keys(cls: type, data: Any, where: str) -> dict[str, Any]:
-    if not isinstance(data, dict):
-        raise TypeError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"{where}: unknown {cls.__name__} keys {unknown}; known: {sorted(names)}")
-    return dict(data)
-
-
 def _check_choice(where: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{where} must be one of {list(choices)}, got {value!r}")
@@ -82,8 +71,10 @@ def check_format_version(found: Any, written_by: Any = None) -> None:
 
 
 @dataclass
-class ExpertRef:
+class ExpertRef(ConfigMixin):
     """One expert of the ensemble: which published model, at which exact revision, with which adapter spec."""
+
+    config_name: ClassVar[str] = "experts[]"
 
     name: str = field(
         metadata={"help": "Short key of the expert in the ensemble (module name), e.g. 'ecg_fm'."}
@@ -127,17 +118,16 @@ class ExpertRef:
                 f"expert {self.name!r}: weights_sha256 must be 64 lower-case hex digits, got {self.weights_sha256!r}"
             )
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ExpertRef:
-        return cls(**_check_keys(cls, data, "experts[]"))
-
 
 @dataclass
-class TaskConfig:
+class TaskConfig(ConfigMixin):
     """One prediction task. Labels arrive as in the dataset schema (NaN = missing)."""
 
+    config_name: ClassVar[str] = "tasks[]"
+
     name: str = field(metadata={"help": "Task name = label column name in the dataset."})
-    type: TaskType = field(
+    # str, not a Literal: any registered task type (enecg.ensemble.registries.TASK_TYPES) is valid.
+    type: str = field(
         metadata={"help": "multilabel | multiclass | binary | regression, or any registered task type"}
     )
     label_names: list[str] = field(
@@ -162,7 +152,9 @@ class TaskConfig:
     def __post_init__(self) -> None:
         _check_name("task", self.name)
         if self.type not in TASK_TYPES:
-            raise ValueError(f"task {self.name!r}: type must be one of {TASK_TYPES.names()}, got {self.type!r}")
+            raise ValueError(
+                f"task {self.name!r}: type must be one of {TASK_TYPES.names()}, got {self.type!r}"
+            )
         self.label_names = [str(n) for n in self.label_names]
         if not self.loss_weight >= 0:
             raise ValueError(f"task {self.name!r}: loss_weight must be >= 0, got {self.loss_weight!r}")
@@ -181,10 +173,6 @@ class TaskConfig:
         return TASK_TYPES.get(self.type).outputs_for(len(self.label_names))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TaskConfig:
-        return cls(**_check_keys(cls, data, "tasks[]"))
-
-    @classmethod
     def from_task_info(cls, info: TaskInfo, **overrides: Any) -> TaskConfig:
         """Build from a dataset's :class:`~enecg.data.schema.TaskInfo` (``overrides``: loss_weight, target_mean...).
 
@@ -197,8 +185,10 @@ class TaskConfig:
 
 
 @dataclass
-class HeadSettings:
+class HeadSettings(ConfigMixin):
     """The per-expert task heads (the paper: a new MLP in -> 256 -> 256 -> out per expert)."""
+
+    config_name: ClassVar[str] = "heads"
 
     hidden_sizes: list[int] = field(
         default_factory=lambda: [256, 256], metadata={"help": "Hidden layer widths."}
@@ -231,13 +221,9 @@ class HeadSettings:
         if not self.expert_loss_weight >= 0:
             raise ValueError("heads.expert_loss_weight must be >= 0")
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> HeadSettings:
-        return cls(**_check_keys(cls, data, "heads"))
-
 
 @dataclass
-class LoraSettings:
+class LoraSettings(ConfigMixin):
     """LoRA (peft) on the heads and/or on the experts' own layers.
 
     Heads are trained in every mode: their base weights always stay trainable (the released EnECG code froze them
@@ -245,6 +231,8 @@ class LoraSettings:
     LoRA update (the paper's setting); with ``on_experts`` the experts' ``lora_target_modules`` get LoRA while their
     own weights stay frozen.
     """
+
+    config_name: ClassVar[str] = "lora"
 
     on_heads: bool = field(
         default=True, metadata={"help": "LoRA on the first `head_layers` layers of each head."}
@@ -269,10 +257,6 @@ class LoraSettings:
     def enabled(self) -> bool:
         return self.on_heads or self.on_experts
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LoraSettings:
-        return cls(**_check_keys(cls, data, "lora"))
-
 
 def _default_gate_contract() -> dict[str, Any]:
     # A cheap raw-signal summary: lead II, 10 s at 100 Hz. (The paper feeds 5000 raw lead-II samples at 500 Hz;
@@ -283,10 +267,13 @@ def _default_gate_contract() -> dict[str, Any]:
 
 
 @dataclass
-class GateSettings:
+class GateSettings(ConfigMixin):
     """The mixture-of-experts gate (this project's own module: peft has no router)."""
 
-    input: GateInput = field(
+    config_name: ClassVar[str] = "gate"
+
+    # str, not a Literal: any registered gate kind (enecg.ensemble.registries.GATES) is valid.
+    input: str = field(
         default="signal",
         metadata={
             "help": "'signal': an MLP on a raw-signal summary prepared with `contract` (the paper: raw lead "
@@ -398,14 +385,12 @@ class GateSettings:
         contract = self.input_contract()
         return len(contract.leads or ()) * int(contract.length or 0)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GateSettings:
-        return cls(**_check_keys(cls, data, "gate"))
-
 
 @dataclass
-class EnsembleConfig:
+class EnsembleConfig(ConfigMixin):
     """Everything needed to rebuild an ensemble (saved as ``config.json``)."""
+
+    config_name: ClassVar[str] = "ensemble config"
 
     experts: list[ExpertRef] = field(metadata={"help": "The experts, in gate order."})
     tasks: list[TaskConfig] = field(metadata={"help": "The tasks trained jointly."})
@@ -480,22 +465,12 @@ class EnsembleConfig:
                 return task
         raise KeyError(f"no task {name!r}; tasks: {self.task_names}")
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-compatible mapping (``from_dict(to_dict())`` gives an equal config)."""
-        return dataclasses.asdict(self)
-
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> EnsembleConfig:
+    def from_dict(cls, data: Any, source: str | None = None) -> EnsembleConfig:
         """Build from a mapping; unknown keys are errors at every level, a newer ``format_version`` too."""
         if isinstance(data, dict):
             check_format_version(data.get("format_version", FORMAT_VERSION), data.get("enecg_version"))
-        data = _check_keys(cls, data, "ensemble config")
-        for key in ("experts", "tasks"):
-            if key not in data:
-                raise ValueError(f"ensemble config: missing required key {key!r}")
-            if not isinstance(data[key], list):
-                raise TypeError(f"ensemble config: {key!r} must be a list")
-        return cls(**data)
+        return decode(cls, data, source or cls.config_name)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -11,37 +11,31 @@ the wrong type is an error naming the key and where it came from, never silently
 settings (``model.heads``, ``model.lora``, ``model.gate``) are the :mod:`enecg.ensemble.config` dataclasses
 themselves, so a recipe can set anything the ensemble supports and nothing else.
 
-Why this small engine and not a config library (tried on this schema, draccus 0.11 and transformers'
-``HfArgumentParser``): ``HfArgumentParser`` has no nested dataclasses, and a recipe is sections of them.
-``draccus.decode`` reads every bundled recipe into exactly the same :class:`Recipe`, but it coerces wrong types
-silently (``output.dir: [1, 2]`` becomes the path ``'[1, 2]'``, ``optim.epochs: true`` becomes 1), reports a
-null required value as "Couldn't instantiate class OptimSection", and its command line cannot set a list item
-(``--experts.0.revision=...``). ``tests/test_recipe.py`` pins those cases, so a switch shows up as failures.
+The typed decoding, the overrides and the help text are :mod:`enecg.utils.config`, the one configuration engine
+of the package (its docstring says why not draccus or ``HfArgumentParser``); this module holds the recipe schema.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import yaml
 
 from enecg.ensemble.config import GateSettings, HeadSettings, LoraSettings
 from enecg.leads import STANDARD_12_LEADS
+from enecg.utils import config
+from enecg.utils.config import ConfigError, config_help, decode, load_config
 
-COMMAND_LINE = "command line"
-T = TypeVar("T")
 FeatureCacheMode = Literal["auto", "on", "off"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 
 
-class RecipeError(ValueError):
-    """A recipe that cannot be used; the message names the file (or the command line) and the key."""
+RecipeError = (
+    ConfigError  # a recipe that cannot be used; the message names the file (or command line) and key
+)
 
 
 # ------------------------------------------------------------------------------------------------- sections
@@ -101,7 +95,9 @@ class SyntheticSection:
 
     def __post_init__(self) -> None:
         if not self.per_label or any(not isinstance(n, int) or n < 1 for n in self.per_label.values()):
-            raise ValueError(f"data.synthetic.per_label needs label: count >= 1 entries, got {self.per_label}")
+            raise ValueError(
+                f"data.synthetic.per_label needs label: count >= 1 entries, got {self.per_label}"
+            )
 
 
 @dataclass
@@ -119,8 +115,10 @@ class DataSection:
     rate: int = field(default=100, metadata={"help": "prepare_from: PTB-XL sampling rate (100 or 500)."})
     download: bool = field(
         default=False,
-        metadata={"help": "prepare_from: download PTB-XL from PhysioNet with wfdb into that folder when it is missing "
-                  "(needs network; resumable)."},
+        metadata={
+            "help": "prepare_from: download PTB-XL from PhysioNet with wfdb into that folder when it is missing "
+            "(needs network; resumable)."
+        },
     )
     train_parts: list[str] = field(
         default_factory=lambda: ["train"], metadata={"help": "Hold-out: the parts trained on."}
@@ -243,7 +241,9 @@ class StrategySettings:
     name: str = field(default="joint", metadata={"help": "Registered strategy: joint | staged."})
     oof_folds: int = field(
         default=5,
-        metadata={"help": "staged: patient-disjoint folds of the training part for the out-of-fold predictions."},
+        metadata={
+            "help": "staged: patient-disjoint folds of the training part for the out-of-fold predictions."
+        },
     )
     gate_epochs: int | None = field(
         default=None, metadata={"help": "staged: epochs of the gate fit (null: optim.epochs)."}
@@ -287,7 +287,8 @@ class ModelSection:
         metadata={"help": "'static' loss weights, or learned 'uncertainty' weighting (Kendall et al. 2018)."},
     )
     strategy: StrategySettings = field(
-        default_factory=StrategySettings, metadata={"help": "Training strategy (joint | staged) and its settings."}
+        default_factory=StrategySettings,
+        metadata={"help": "Training strategy (joint | staged) and its settings."},
     )
 
 
@@ -361,8 +362,10 @@ class EvaluationSection:
     target_sensitivity: float = field(default=0.9, metadata={"help": "operating_point='sensitivity' target."})
     report: bool = field(
         default=True,
-        metadata={"help": "After training, evaluate the saved model on the test part (enecg evaluate: report.json + "
-                  "report.html with figures) and put the results in its model card."},
+        metadata={
+            "help": "After training, evaluate the saved model on the test part (enecg evaluate: report.json + "
+            "report.html with figures) and put the results in its model card."
+        },
     )
     report_examples: int = field(default=4, metadata={"help": "Example records rendered in the report."})
 
@@ -490,63 +493,9 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     return load_config(path, Recipe, overrides)
 
 
-def load_config(path: str | os.PathLike, schema: type[T], overrides: list[str] | tuple[str, ...] = ()) -> T:
-    """Read any recipe-style YAML file into the dataclass ``schema`` with ``--key=value`` overrides.
-
-    The same checks as :func:`load_recipe` (unknown keys in the file or on the command line, wrong types), for
-    other commands' recipes (e.g. ``enecg efficiency``, ``enecg transfer``).
-    """
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise RecipeError(f"{path}: recipe file not found") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
-    return parse_config_dict(schema, apply_overrides(data, overrides, schema), source=str(path))
-
-
 def parse_recipe_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
     """Build a :class:`Recipe` from a mapping; errors name ``source`` and the key."""
-    return _parse(Recipe, data, "", source)
-
-
-def parse_config_dict(schema: type[T], data: dict[str, Any], source: str = "recipe") -> T:
-    """Build any recipe-style dataclass ``schema`` from a mapping; errors name ``source`` and the key."""
-    return _parse(schema, data, "", source)
-
-
-def parse_overrides(arguments: list[str] | tuple[str, ...]) -> list[tuple[str, Any]]:
-    """``["--optim.lr=3e-4", "--model.gate.top_k", "1"]`` -> ``[("optim.lr", 3e-4), ("model.gate.top_k", 1)]``.
-
-    Values are YAML (``null``, ``true``, ``[a, b]``, ``{k: v}``); ``--flag`` alone means ``true``."""
-    parsed: list[tuple[str, Any]] = []
-    items = list(arguments)
-    i = 0
-    while i < len(items):
-        item = items[i]
-        if not item.startswith("--") or len(item) <= 2:
-            raise RecipeError(f"{COMMAND_LINE}: expected --key=value, got {item!r}")
-        key, sep, raw = item[2:].partition("=")
-        if not sep:
-            if i + 1 < len(items) and not items[i + 1].startswith("--"):
-                raw = items[i + 1]
-                i += 1
-            else:
-                raw = "true"
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        parsed.append((key.replace("-", "_"), value))
-        i += 1
-    return parsed
+    return decode(Recipe, data, source)
 
 
 def apply_overrides(
@@ -554,226 +503,10 @@ def apply_overrides(
 ) -> dict[str, Any]:
     """A copy of ``data`` with dotted-key overrides set; keys unknown to ``schema`` (default :class:`Recipe`)
     are errors naming the flag."""
-    import copy
-
-    data = copy.deepcopy(data)
-    for key, value in parse_overrides(overrides):
-        _check_override_path(key, schema or Recipe)
-        _set_dotted(data, key.split("."), value, key)
-    return data
-
-
-def _check_override_path(key: str, schema: type) -> None:
-    """Walk ``key`` through the ``schema`` dataclasses; raise for a key no dataclass has."""
-    tp: Any = schema
-    walked: list[str] = []
-    for part in key.split("."):
-        tp = _strip_optional(tp)
-        if dataclasses.is_dataclass(tp):
-            hints = _hints(tp)
-            if part not in hints:
-                where = ".".join(walked) or "the recipe"
-                raise RecipeError(
-                    f"{COMMAND_LINE}: unknown recipe key {key!r} ({part!r} is not a key of {where}; known: "
-                    f"{sorted(hints)})"
-                )
-            tp = hints[part]
-        elif typing.get_origin(tp) is list:
-            if not part.isdigit():
-                raise RecipeError(
-                    f"{COMMAND_LINE}: {key!r}: {'.'.join(walked)} is a list, index it by number"
-                )
-            tp = typing.get_args(tp)[0]
-        elif typing.get_origin(tp) is dict or tp is Any:
-            tp = Any
-        else:
-            raise RecipeError(f"{COMMAND_LINE}: {key!r}: {'.'.join(walked)} is a value, it has no keys")
-        walked.append(part)
-
-
-def _set_dotted(data: Any, parts: list[str], value: Any, key: str) -> None:
-    head, rest = parts[0], parts[1:]
-    if isinstance(data, list):
-        index = int(head)
-        if index >= len(data):
-            raise RecipeError(f"{COMMAND_LINE}: {key!r}: index {index} out of range (list of {len(data)})")
-        if rest:
-            _set_dotted(data[index], rest, value, key)
-        else:
-            data[index] = value
-        return
-    if not isinstance(data, dict):
-        raise RecipeError(f"{COMMAND_LINE}: {key!r}: cannot set a key inside a {type(data).__name__}")
-    if rest:
-        if data.get(head) is None:
-            data[head] = {}
-        _set_dotted(data[head], rest, value, key)
-    else:
-        data[head] = value
-
-
-# --------------------------------------------------------------------------------------- typed conversion
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _strip_optional(tp: Any) -> Any:
-    args = typing.get_args(tp)
-    if _is_union(tp) and type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        if len(rest) == 1:
-            return rest[0]
-    return tp
-
-
-def _is_union(tp: Any) -> bool:
-    return typing.get_origin(tp) in (typing.Union, types.UnionType)
-
-
-def _parse(cls: type, data: Any, where: str, source: str) -> Any:
-    label = where or "the recipe"
-    if not isinstance(data, dict):
-        raise RecipeError(f"{source}: {label}: expected a mapping, got {_describe(data)}")
-    hints = _hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        prefix = f"{where}." if where else ""
-        raise RecipeError(
-            f"{source}: unknown recipe key '{prefix}{unknown[0]}'"
-            f"{f' (and {unknown[1:]})' if len(unknown) > 1 else ''}; known keys of {label}: {sorted(fields)}"
-        )
-    kwargs = {}
-    for name, f in fields.items():
-        key = f"{where}.{name}" if where else name
-        if name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise RecipeError(f"{source}: missing required key {key!r}")
-            continue
-        kwargs[name] = _convert(hints[name], data[name], key, source)
-    try:
-        return cls(**kwargs)
-    except (ValueError, TypeError) as exc:
-        if isinstance(exc, RecipeError):
-            raise
-        raise RecipeError(f"{source}: {label}: {exc}") from None
-
-
-def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
-    """``value`` checked against (and lightly coerced to) the annotated type ``tp``."""
-    if tp is Any:
-        return value
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if _is_union(tp):
-        if value is None:
-            if type(None) in args:
-                return None
-            raise RecipeError(f"{source}: {key}: must not be null")
-        errors = []
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _convert(option, value, key, source)
-            except RecipeError as exc:
-                errors.append(str(exc))
-        raise RecipeError(f"{source}: {key}: expected {_type_name(tp)}, got {_describe(value)}")
-    if value is None:
-        raise RecipeError(f"{source}: {key}: must not be null (expected {_type_name(tp)})")
-    if origin is Literal:
-        if value not in args:
-            raise RecipeError(f"{source}: {key}: must be one of {list(args)}, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        return _parse(tp, value, key, source)
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise RecipeError(f"{source}: {key}: expected a list, got {_describe(value)}")
-        (item,) = args or (Any,)
-        return [_convert(item, v, f"{key}.{i}", source) for i, v in enumerate(value)]
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise RecipeError(f"{source}: {key}: expected a list, got {_describe(value)}")
-        return tuple(value)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise RecipeError(f"{source}: {key}: expected a mapping, got {_describe(value)}")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise RecipeError(f"{source}: {key}: expected true or false, got {_describe(value)}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise RecipeError(f"{source}: {key}: expected an integer, got {_describe(value)}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            # YAML 1.1 reads `3e-4` (no dot) as a string: accept it as a number.
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise RecipeError(f"{source}: {key}: expected a number, got {_describe(value)}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise RecipeError(f"{source}: {key}: expected a string, got {_describe(value)}")
-    return value
-
-
-def _describe(value: Any) -> str:
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{text} ({type(value).__name__})"
-
-
-def _type_name(tp: Any) -> str:
-    if _is_union(tp):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "null"
-    if typing.get_origin(tp) is Literal:
-        return "one of " + "/".join(map(str, typing.get_args(tp)))
-    return getattr(tp, "__name__", str(tp))
-
-
-# ---------------------------------------------------------------------------------------------------- help
+    return config.apply_overrides(data, overrides, schema or Recipe)
 
 
 def recipe_help(schema: type | None = None) -> str:
     """Every key of ``schema`` (default :class:`Recipe`) with its type, default and help text
     (``enecg train --help-recipe``)."""
-    lines: list[str] = []
-
-    def walk(cls: type, prefix: str, depth: int) -> None:
-        hints = _hints(cls)
-        for f in dataclasses.fields(cls):
-            if f.name in ("enecg_version",):
-                continue
-            tp = hints[f.name]
-            key = f"{prefix}{f.name}"
-            inner = _strip_optional(tp)
-            if typing.get_origin(inner) is list and dataclasses.is_dataclass(typing.get_args(inner)[0]):
-                lines.append(f"{key}: list of:  {f.metadata.get('help', '')}")
-                walk(typing.get_args(inner)[0], f"{key}.N.", depth + 1)
-                continue
-            if dataclasses.is_dataclass(inner):
-                lines.append(f"{key}:  {f.metadata.get('help', '')}")
-                walk(inner, f"{key}.", depth + 1)
-                continue
-            if f.default is not dataclasses.MISSING:
-                default = f" = {f.default!r}"
-            elif f.default_factory is not dataclasses.MISSING:
-                default = f" = {f.default_factory()!r}"
-            else:
-                default = " (required)"
-            lines.append(f"{key} ({_type_name(tp)}){default}:  {f.metadata.get('help', '')}")
-
-    walk(schema or Recipe, "", 0)
-    return "\n".join(lines)
+    return config_help(schema or Recipe, skip=("enecg_version",))

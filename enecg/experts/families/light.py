@@ -39,7 +39,6 @@ comes from the paper or from the cited originals and what is our choice.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,15 +51,18 @@ from torch.nn import functional as F
 from enecg.experts.family import ExpertFamily, register_family
 from enecg.experts.inhouse import CONFIG_FILE, EXPERT_SPEC_FILE, read_inhouse_config, read_inhouse_spec
 from enecg.experts.weights import WeightsError, read_weights
+from enecg.utils.config import ConfigMixin
 
 DEMOGRAPHIC_FEATURES = 4  # age/100, age_missing, sex, sex_missing
 AGE_SCALE_YEARS = 100.0
 
 
 @dataclass
-class LightCNNConfig:
+class LightCNNConfig(ConfigMixin):
     """Configuration shared by the five light CNN architectures (stored in ``config.json`` / the expert
     spec)."""
+
+    config_name: ClassVar[str] = "light config"
 
     architecture: str = field(
         default="SimpleNet",
@@ -96,18 +98,6 @@ class LightCNNConfig:
             raise ValueError(f"light config: width_multiplier must be > 0, got {self.width_multiplier}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"light config: dropout must be in [0, 1), got {self.dropout}")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LightCNNConfig:
-        """Build from a mapping (``config.json``, spec); unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown light config keys {unknown}; known: {sorted(names)}")
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def _scaled(channels: int, multiplier: float, multiple: int = 1) -> int:
