@@ -107,3 +107,32 @@ def test_package_configs_use_the_engine() -> None:
     with pytest.raises(ConfigError, match="light config: in_leads: expected an integer"):
         LightCNNConfig.from_dict({"in_leads": "12"})
     assert decode(GateSettings, {"input": "global"}, "gate").input == "global"
+
+
+COMPAT = Path(__file__).resolve().parent / "fixtures" / "compat_09966f4"
+
+
+def test_files_written_by_main_at_09966f4_still_load() -> None:
+    """``tests/fixtures/compat_09966f4``: an ensemble ``config.json`` and a light expert's config written by the code
+    of main at 09966f4 (before the engine moved), and that commit's recipes, verbatim. Keys added since take their
+    defaults; nothing is dropped or renamed."""
+    import json
+
+    from enecg.cli.pretrain import resolve_config
+    from enecg.cli.seeds import load_seed_recipe
+    from enecg.training.recipe import load_recipe
+
+    ensemble = EnsembleConfig.load(COMPAT / "ensemble_config.json")
+    assert [e.name for e in ensemble.experts] == ["hubert", "simplenet"]
+    assert ensemble.experts[0].lora_target_modules == ["q_proj", "v_proj"]
+    assert [t.type for t in ensemble.tasks] == ["multilabel", "binary", "regression"]
+    assert ensemble.tasks[2].target_std == 15.0 and ensemble.gate.input == "embeddings" and ensemble.gate.top_k == 1
+    assert ensemble.gate.routing_penalty == GateSettings().routing_penalty  # added after 09966f4: its default
+    assert EnsembleConfig.from_dict(ensemble.to_dict()) == ensemble
+    light = LightCNNConfig.from_dict(json.loads((COMPAT / "light_config.json").read_text()))
+    assert light.architecture == "AttiaNet" and light.width_multiplier == 0.5 and light.use_demographics
+    for name in ("quickstart.yaml", "ptbxl_light_ensemble.yaml", "ptbxl_foundation_models.yaml"):
+        recipe = load_recipe(COMPAT / name)
+        assert recipe.experts and recipe.tasks, name
+    assert resolve_config(COMPAT / "pretrain_ssl.yaml", {}).epochs > 0
+    assert load_seed_recipe("efficiency", str(COMPAT / "efficiency_benchmark.yaml"), []) is not None

@@ -50,12 +50,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def load_seed_recipe(command: str, path: str, overrides: list[str], quick: bool = False) -> Any:
-    """Parse the recipe of ``command`` (``efficiency`` | ``transfer``) with the recipe machinery of
-    :mod:`enecg.training.recipe` (unknown keys and wrong types are errors); ``quick`` prepends the module's
+    """Parse the recipe of ``command`` (``efficiency`` | ``transfer``) with the package's configuration engine
+    (:mod:`enecg.utils.config`: unknown keys and wrong types are errors); ``quick`` prepends the module's
     ``QUICK_OVERRIDES``."""
     import importlib
 
-    from enecg.training.recipe import load_config
+    from enecg.utils.config import load_config
 
     _, module_name, schema_name, _ = _COMMANDS[command]
     module = importlib.import_module(module_name)
@@ -67,12 +67,12 @@ def _runner(command: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         import importlib
 
-        from enecg.training.recipe import recipe_help
+        from enecg.utils.config import config_help
 
         _, module_name, schema_name, function = _COMMANDS[command]
         module = importlib.import_module(module_name)
         if args.help_recipe:
-            print(recipe_help(getattr(module, schema_name)))
+            print(config_help(getattr(module, schema_name)))
             return 0
         if not args.recipe:
             raise ValueError(
