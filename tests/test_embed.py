@@ -247,3 +247,48 @@ def test_two_processes_fill_the_same_cache_as_one(
     assert origins == {"process 0 of 2", "process 1 of 2"}
     t1, t2 = datasets.load_from_disk(str(tmp_path / "one.table")), datasets.load_from_disk(str(tmp_path / "two.table"))
     assert_same_table(t1, t2)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_machines_fill_the_same_cache_as_one(
+    ptbxl_training_dataset: Path, expert_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """Multi-node as users launch it: two independent ``accelerate launch --num_machines 2 --machine_rank R``
+    launchers (one process each) that meet over TCP (static rendezvous at the main machine's address, here the
+    loopback) and write one shared cache folder, as on a shared filesystem. Same bits as one process."""
+    args = [str(ptbxl_training_dataset), "--experts", *(f"{n}={f}" for n, f in expert_dirs.items())]
+    args += ["--splits", "validation", "--max-records", str(RECORDS), "--batch-size", str(BATCH)]
+    args += ["--shard-records", str(BATCH), "--no-progress", "--cache-dir", "nodes", "--out", "nodes.table"]
+    one = _run([sys.executable, "-m", "enecg.embed", *args[:-4], "--cache-dir", "one", "--out", "one.table"], tmp_path)
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    port = str(_free_port())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(REPO)}
+    launchers = [
+        subprocess.Popen(
+            [accelerate, "launch", "--config_file", str(GLOO_CONFIG), "--num_machines", "2", "--num_processes", "2",
+             "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+             "-m", "enecg.embed", *args],
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [launcher.communicate(timeout=300) for launcher in launchers]
+    for launcher, (out, err) in zip(launchers, outputs):
+        assert launcher.returncode == 0, out[-2000:] + err[-4000:]
+    assert "processes: 1" in one and "processes: 2" in outputs[0][0]  # machine 0 reports for the whole run
+    a, b = cached(tmp_path / "one"), cached(tmp_path / "nodes")
+    assert a.keys() == b.keys() == set(EXPERTS)
+    for name in EXPERTS:
+        assert a[name].keys() == b[name].keys() and len(a[name]) == RECORDS
+        assert all(torch.equal(a[name][key], b[name][key]) for key in a[name]), name
+    origins = {shard["origin"] for entry in (tmp_path / "nodes").glob("*-*") for shard in shard_lists(entry)}
+    assert origins == {"process 0 of 2", "process 1 of 2"}
+    assert_same_table(datasets.load_from_disk(str(tmp_path / "one.table")), datasets.load_from_disk(str(tmp_path / "nodes.table")))
