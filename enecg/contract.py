@@ -32,6 +32,12 @@ Pipeline of :func:`apply_contract_array` (the order is part of the contract's me
    the statistics nor change), then ``zero_constant_leads``, then the layout (``concat_leads`` flattens lead
    after lead).
 
+Two implementations compute these steps (``implementation=`` of :func:`apply_contract_array` and
+:func:`apply_contract_records`): ``"fast"`` (the default) and ``"reference"`` (the plain scipy calls, kept for
+tests and ``bench/bench_contract.py``). They share every check, design and error message and give the same
+windows within :data:`FAST_TOLERANCE`; the contract's meaning is unchanged, so :meth:`InputContract.digest`
+(feature-cache keys) does not depend on the implementation and caches filled before stay valid.
+
 Where the choices come from (official code read for this module; deviations are deliberate and listed):
 
 - HuBERT-ECG (``code/utils.py::ecg_preprocessing``, ``hubert_ecg/dataset.py``): resample to 500 Hz, FIR
@@ -384,8 +390,9 @@ def apply_contract_array(
 ) -> PreparedInput:
     """Prepare a raw signal ``(leads, samples)`` or a batch ``(B, leads, samples)`` with common fs and leads.
 
-    Every step runs vectorised over leads and batch items, in float64, and returns float32. The result equals
-    :func:`apply_contract` on each record of the batch separately.
+    Every step runs vectorised over leads and batch items, in float64 (the fast median baseline in float32,
+    see :func:`_median_baseline_float32`), and returns float32. The result equals :func:`apply_contract` on
+    each record of the batch separately.
 
     Args:
         signal_array: amplitudes (mV for ECG records), rows in the order of ``leads``.
