@@ -124,15 +124,15 @@ def main(argv: list[str] | None = None) -> None:
     repeats = 1 if args.quick else args.repeats
     records = read_ptbxl(args.data, max(batches))
     results: list[dict[str, Any]] = []
-    for case in (c for c in CASES if c.name in FAMILIES):
-        config, source, _ = load_config(case, args.parity_dir, args.quick)
-        family = get_family(case.family)
-        case_model = family.build(config).eval()
-        case = _WithModel(case, case_model)
-        for n_threads in threads:
-            torch.set_num_threads(n_threads)
+    # Threads outermost and the JSON rewritten after every row: a long run on a busy machine that is stopped
+    # still leaves every finished measurement (the 1-thread ones first).
+    for n_threads in threads:
+        torch.set_num_threads(n_threads)
+        for case in (c for c in CASES if c.name in FAMILIES):
+            config, source, _ = load_config(case, args.parity_dir, args.quick)
+            model = get_family(case.family).build(config).eval()
             for batch in batches:
-                row = measure(case, records, batch, repeats)
+                row = measure(_WithModel(case, model), records, batch, repeats)
                 row.update(family=case.name, threads=n_threads, config=source)
                 results.append(row)
                 print(
@@ -146,7 +146,18 @@ def main(argv: list[str] | None = None) -> None:
                     ),
                     flush=True,
                 )
-        del case_model
+                _write(args, batches, threads, repeats, results)
+            del model
+    print(f"wrote {args.out}")
+
+
+def _write(
+    args: argparse.Namespace,
+    batches: list[int],
+    threads: list[int],
+    repeats: int,
+    results: list[dict[str, Any]],
+) -> None:
     report = {
         "protocol": {
             "families": list(FAMILIES),
@@ -169,7 +180,6 @@ def main(argv: list[str] | None = None) -> None:
         "results": results,
     }
     write_text_atomic(args.out, json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
 
 
 class _WithModel:
