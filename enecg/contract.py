@@ -436,6 +436,8 @@ def apply_contract_array(
         raise RecordError(source, f"signal must be real numbers, got dtype {x.dtype}")
     _check_finite(x, record_leads, source, batched)
 
+    if implementation not in _KERNELS:
+        raise ValueError(f"implementation={implementation!r}: expected one of {sorted(_KERNELS)}")
     kernels = _KERNELS[implementation]
     rows, lead_mask = _select_leads(record_leads, contract, source)
     _check_size(x.shape[2], int(lead_mask.sum()), float(fs), contract, source)

@@ -109,3 +109,8 @@ def test_errors_are_the_reference_errors(contract, problem: str) -> None:
         messages.append(str(caught.value))
     assert messages[0] == messages[1]
     assert "synthetic.hea" in messages[0] and "\n" not in messages[0]
+
+
+def test_unknown_implementation_is_refused() -> None:
+    with pytest.raises(ValueError, match="implementation='numba'"):
+        apply_contract(synthetic(), FM_CONTRACTS["moment"], implementation="numba")  # type: ignore[arg-type]
