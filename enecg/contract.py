@@ -32,6 +32,12 @@ Pipeline of :func:`apply_contract_array` (the order is part of the contract's me
    the statistics nor change), then ``zero_constant_leads``, then the layout (``concat_leads`` flattens lead
    after lead).
 
+Two implementations compute these steps (``implementation=`` of :func:`apply_contract_array` and
+:func:`apply_contract_records`): ``"fast"`` (the default) and ``"reference"`` (the plain scipy calls, kept for
+tests and ``bench/bench_contract.py``). They share every check, design and error message and give the same
+windows within :data:`FAST_TOLERANCE`; the contract's meaning is unchanged, so :meth:`InputContract.digest`
+(feature-cache keys) does not depend on the implementation and caches filled before stay valid.
+
 Where the choices come from (official code read for this module; deviations are deliberate and listed):
 
 - HuBERT-ECG (``code/utils.py::ecg_preprocessing``, ``hubert_ecg/dataset.py``): resample to 500 Hz, FIR
@@ -55,7 +61,7 @@ import functools
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Literal, get_args
@@ -74,6 +80,7 @@ Aggregation = Literal["mean", "max"]
 Layout = Literal["leads_time", "concat_leads"]
 BandpassDesign = Literal["butter", "fir"]
 Baseline = Literal["none", "median"]
+Implementation = Literal["fast", "reference"]
 
 # A window counts as constant when its peak-to-peak is below ATOL + RTOL * max|x| (in the signal's units, mV
 # for records). Exactly flat leads (lead off, flat line) come out of the zero-phase filters and resampling
@@ -359,22 +366,33 @@ class PreparedInput:
     valid_samples: np.ndarray | None = None
 
 
-def apply_contract(record: ECGRecord, contract: InputContract) -> PreparedInput:
+def apply_contract(
+    record: ECGRecord, contract: InputContract, *, implementation: Implementation = "fast"
+) -> PreparedInput:
     """Prepare ``record`` for a model with ``contract``. Deterministic; raises RecordError naming the record.
 
     Returns windows ``(n_windows, leads, length)`` (``(n_windows, leads*length)`` for ``concat_leads``). See
     :func:`apply_contract_array` and the module docstring for every step.
     """
-    return apply_contract_array(record.signal, record.fs, record.leads, contract, source=record.source)
+    return apply_contract_array(
+        record.signal, record.fs, record.leads, contract, source=record.source, implementation=implementation
+    )
 
 
 def apply_contract_array(
-    signal_array: np.ndarray, fs: float, leads: Sequence[str], contract: InputContract, *, source: str
+    signal_array: np.ndarray,
+    fs: float,
+    leads: Sequence[str],
+    contract: InputContract,
+    *,
+    source: str,
+    implementation: Implementation = "fast",
 ) -> PreparedInput:
     """Prepare a raw signal ``(leads, samples)`` or a batch ``(B, leads, samples)`` with common fs and leads.
 
-    Every step runs vectorised over leads and batch items, in float64, and returns float32. The result equals
-    :func:`apply_contract` on each record of the batch separately.
+    Every step runs vectorised over leads and batch items, in float64 (the fast median baseline in float32,
+    see :func:`_median_baseline_float32`), and returns float32. The result equals :func:`apply_contract` on
+    each record of the batch separately.
 
     Args:
         signal_array: amplitudes (mV for ECG records), rows in the order of ``leads``.
@@ -383,6 +401,10 @@ def apply_contract_array(
             :func:`~enecg.leads.canonical_lead_name`).
         contract: the model's input contract.
         source: the file (or batch description) named by every :class:`~enecg.record.RecordError`.
+        implementation: ``"fast"`` (the default: FIR zero-phase filtering as one FFT convolution, the median
+            baseline in float32, one-pass scaling statistics) or ``"reference"`` (the plain scipy calls the
+            fast kernels are checked against; tests and ``bench/bench_contract.py`` use it). Both give the
+            same windows within ``FAST_TOLERANCE`` (see :data:`FAST_TOLERANCE`) and the same errors.
 
     Returns:
         :class:`PreparedInput` with windows ``(n_windows, ...)`` for a 2-D input, ``(B, n_windows, ...)``
@@ -414,15 +436,22 @@ def apply_contract_array(
         raise RecordError(source, f"signal must be real numbers, got dtype {x.dtype}")
     _check_finite(x, record_leads, source, batched)
 
+    if implementation not in _KERNELS:
+        raise ValueError(f"implementation={implementation!r}: expected one of {sorted(_KERNELS)}")
+    kernels = _KERNELS[implementation]
     rows, lead_mask = _select_leads(record_leads, contract, source)
     _check_size(x.shape[2], int(lead_mask.sum()), float(fs), contract, source)
-    present = x[:, rows[lead_mask]].astype(np.float64)
-    present = _resample_and_filter(present, float(fs), contract, source)
+    # Fancy indexing copies, so the float64 array below is ours to modify in place (astype only converts).
+    present = x[:, rows[lead_mask]].astype(np.float64, copy=False)
+    present = _resample_and_filter(present, float(fs), contract, source, kernels)
 
-    full = np.zeros((present.shape[0], lead_mask.size, present.shape[-1]), dtype=np.float64)
-    full[:, lead_mask] = present
+    if lead_mask.all():
+        full = present
+    else:
+        full = np.zeros((present.shape[0], lead_mask.size, present.shape[-1]), dtype=np.float64)
+        full[:, lead_mask] = present
     windows, pad = _cut_windows(full, contract, source)
-    windows = _scale(windows, lead_mask, contract)
+    windows = kernels.scale(windows, lead_mask, contract)
     valid = np.full(windows.shape[:2], windows.shape[-1], dtype=np.int64)
     if pad:
         windows = np.pad(windows, [(0, 0)] * (windows.ndim - 1) + [(0, pad)])
@@ -489,47 +518,58 @@ def apply_contract_records(
     contract: InputContract,
     *,
     on_refusal: Literal["raise", "mark"] = "raise",
+    implementation: Implementation = "fast",
 ) -> StackedWindows:
     """Apply ``contract`` to several records and stack the results (see :class:`StackedWindows`).
 
     Vectorised over the batch when the records share rate, leads and length (the common case: one dataset); a
     batch-level error is re-raised per record so that the message names the offending file. With
     ``on_refusal="mark"`` a record the contract refuses (:class:`ContractRefusal`: leads, length) is marked
-    unavailable instead of raising; any other problem (NaN values, a bad shape) still raises."""
+    unavailable instead of raising; any other problem (NaN values, a bad shape) still raises.
+    ``implementation``: see :func:`apply_contract_array`."""
     records = list(records)
     if not records:
         raise ValueError("apply_contract_records needs at least one record")
     first = records[0]
-    uniform = all(r.fs == first.fs and r.leads == first.leads and r.n_samples == first.n_samples for r in records)
-    prepared: list[PreparedInput] | None = None
+    uniform = all(
+        r.fs == first.fs and r.leads == first.leads and r.n_samples == first.n_samples for r in records
+    )
+    refusals: list[str | None] = [None] * len(records)
     if len(records) > 1 and uniform:
         try:
             batch = apply_contract_array(
-                np.stack([r.signal for r in records]), first.fs, first.leads, contract,
+                np.stack([r.signal for r in records]),
+                first.fs,
+                first.leads,
+                contract,
                 source=f"batch of {len(records)} records",
+                implementation=implementation,
             )
         except RecordError:
             pass  # fall through: the per-record pass raises the error naming the record's file
         else:
-            prepared = [
-                PreparedInput(windows=w, lead_mask=batch.lead_mask, valid_samples=v)
-                for w, v in zip(batch.windows, batch.valid_samples)
-            ]
-    refusals: list[str | None] = [None] * len(records)
-    if prepared is None:
-        outcomes: list[PreparedInput | None] = []
-        for i, record in enumerate(records):
-            try:
-                outcomes.append(apply_contract(record, contract))
-            except ContractRefusal as refusal:
-                if on_refusal == "raise":
-                    raise
-                refusals[i] = refusal.problem
-                outcomes.append(None)
-        usable = [p for p in outcomes if p is not None]
-        if not usable:
-            return _all_refused(records, contract, refusals)
-        prepared = [p if p is not None else _placeholder(usable[0], contract) for p in outcomes]
+            # Uniform records give the same number of windows: the batch arrays are the stacked result.
+            return StackedWindows(
+                windows=batch.windows,
+                window_mask=np.ones(batch.windows.shape[:2], dtype=bool),
+                lead_mask=np.tile(batch.lead_mask, (len(records), 1)),
+                valid_samples=batch.valid_samples,
+                available=np.ones(len(records), dtype=bool),
+                refusals=refusals,
+            )
+    outcomes: list[PreparedInput | None] = []
+    for i, record in enumerate(records):
+        try:
+            outcomes.append(apply_contract(record, contract, implementation=implementation))
+        except ContractRefusal as refusal:
+            if on_refusal == "raise":
+                raise
+            refusals[i] = refusal.problem
+            outcomes.append(None)
+    usable = [p for p in outcomes if p is not None]
+    if not usable:
+        return _all_refused(records, contract, refusals)
+    prepared = [p if p is not None else _placeholder(usable[0], contract) for p in outcomes]
     n_windows = max(p.windows.shape[0] for p in prepared)
     windows = np.zeros((len(prepared), n_windows, *prepared[0].windows.shape[1:]), dtype=np.float32)
     window_mask = np.zeros((len(prepared), n_windows), dtype=bool)
@@ -655,13 +695,15 @@ def _as_fraction(rate: float) -> Fraction:
     return close if abs(close - exact) <= 1e-9 * exact else exact
 
 
-def _resample_and_filter(x: np.ndarray, fs: float, contract: InputContract, source: str) -> np.ndarray:
+def _resample_and_filter(
+    x: np.ndarray, fs: float, contract: InputContract, source: str, kernels: _Kernels
+) -> np.ndarray:
     target = fs if contract.fs is None else contract.fs
     if target < fs:
-        x = _filter(x, fs, contract, source)
+        x = _filter(x, fs, contract, source, kernels)
         return _resample(x, fs, target, source)
     x = _resample(x, fs, target, source)
-    return _filter(x, target, contract, source)
+    return _filter(x, target, contract, source, kernels)
 
 
 def _resample(x: np.ndarray, fs: float, target: float, source: str) -> np.ndarray:
@@ -676,7 +718,9 @@ def _resample(x: np.ndarray, fs: float, target: float, source: str) -> np.ndarra
     return signal.resample_poly(x, up, down, axis=-1, padtype="line")
 
 
-def _filter(x: np.ndarray, rate: float, contract: InputContract, source: str) -> np.ndarray:
+def _filter(
+    x: np.ndarray, rate: float, contract: InputContract, source: str, kernels: _Kernels
+) -> np.ndarray:
     nyquist = rate / 2
     n = x.shape[-1]
     if contract.notch is not None:
@@ -708,11 +752,7 @@ def _filter(x: np.ndarray, rate: float, contract: InputContract, source: str) ->
         else:
             taps = _fir_design(low, high, contract.bandpass_order, rate)
             x = _zero_phase(
-                lambda v, p: signal.filtfilt(taps, [1.0], v, axis=-1, padlen=p),
-                x,
-                3 * len(taps),
-                "FIR band-pass",
-                source,
+                lambda v, p: kernels.fir_zero_phase(taps, v, p), x, 3 * len(taps), "FIR band-pass", source
             )
     if contract.baseline == "median":
         # Odd kernel centred on each sample. scipy.ndimage's median filter rather than scipy.signal.medfilt:
@@ -725,11 +765,7 @@ def _filter(x: np.ndarray, rate: float, contract: InputContract, source: str) ->
                 f"record has {n} samples at {rate} Hz, shorter than the {kernel}-sample "
                 "baseline median window",
             )
-        # One 1-D call per lead: scipy only takes its fast running-median path for 1-D input (~50x faster here
-        # than one N-D call with a (1, 1, kernel) footprint, identical output).
-        rows = x.reshape(-1, n)
-        baseline = np.stack([ndimage.median_filter(row, size=kernel, mode="reflect") for row in rows])
-        x = x - baseline.reshape(x.shape)
+        x = x - kernels.median_baseline(x, kernel)
     return x
 
 
@@ -757,6 +793,81 @@ def _butter_design(low: float, high: float, order: int, rate: float) -> np.ndarr
 def _fir_design(low: float, high: float, taps: int, rate: float) -> np.ndarray:
     # Band-pass (pass_zero=False): zero gain at DC and at Nyquist, so an even number of taps is allowed too.
     return signal.firwin(taps, [low, high], pass_zero=False, fs=rate)
+
+
+# --- Kernels: the two implementations of the costly steps ---------------------------------------------------
+#
+# "reference" is the plain scipy call per step (filtfilt, one median_filter per lead, numpy statistics);
+# "fast" computes the same quantities with less work. Everything around them (checks, error messages, designs,
+# the IIR filters, resampling, windows) is shared, so both raise the same errors and differ only by rounding.
+# The IIR filters (notch, Butterworth) are the same scipy calls in both: float32 recursions drift by up to
+# ~3e-4 mV through the 0.67 Hz poles (over the tolerance), and scipy's sosfilt/lfilter cost the same per
+# sample whatever the layout or cascade (measured; bench/README.md, "Contract cost").
+
+#: Largest absolute difference allowed between the "fast" and "reference" windows (after scaling, so in the
+#: model's input units): tests/test_contract_fast.py checks every bundled adapter contract against it on real
+#: PTB-XL records at 500 and 100 Hz. Measured differences are ~1e-6 or below (float32 output rounding).
+FAST_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class _Kernels:
+    """The costly steps of one implementation (see the comment above)."""
+
+    fir_zero_phase: Callable[[np.ndarray, np.ndarray, int], np.ndarray]
+    median_baseline: Callable[[np.ndarray, int], np.ndarray]
+    scale: Callable[[np.ndarray, np.ndarray, InputContract], np.ndarray]
+
+
+def _fir_zero_phase_reference(taps: np.ndarray, x: np.ndarray, padlen: int) -> np.ndarray:
+    return signal.filtfilt(taps, [1.0], x, axis=-1, padlen=padlen)
+
+
+def _fir_zero_phase_fft(taps: np.ndarray, x: np.ndarray, padlen: int) -> np.ndarray:
+    """``filtfilt(taps, [1], x, padlen=padlen)`` as one FFT convolution over all rows (padlen >= len(taps) - 1).
+
+    filtfilt runs the FIR forward and backward over ``x`` odd-extended by ``padlen`` samples, each pass started
+    in the steady state of its first input (for an FIR that is the same as extending that input with a
+    constant), and crops the extension. An output sample inside the crop depends only on the odd extension
+    within ``len(taps) - 1`` samples of it, which neither the constants nor a longer extension reach, so the
+    two passes are one convolution with the taps' autocorrelation (symmetric, ``2 * len(taps) - 1`` long) over
+    ``x`` odd-extended by ``len(taps) - 1``: equal to filtfilt up to rounding. scipy runs filtfilt's FIR passes
+    as one np.convolve per row; this is one FFT convolution for the whole batch (scipy's overlap-add
+    oaconvolve measured slower here: its block reshaping costs more than the FFT it saves).
+    """
+    reach = len(taps) - 1
+    if padlen < reach:  # not reached with the contract's padlen (3 * taps); kept exact for any caller
+        return _fir_zero_phase_reference(taps, x, padlen)
+    kernel = np.convolve(taps, taps[::-1])
+    extended = np.concatenate(
+        [2 * x[..., :1] - x[..., reach:0:-1], x, 2 * x[..., -1:] - x[..., -2 : -reach - 2 : -1]], axis=-1
+    )
+    return signal.fftconvolve(extended, kernel.reshape((1,) * (x.ndim - 1) + (-1,)), mode="valid", axes=-1)
+
+
+def _median_baseline_reference(x: np.ndarray, kernel: int) -> np.ndarray:
+    # One 1-D call per lead: scipy only takes its fast running-median path for 1-D input (~50x faster here
+    # than one N-D call with a (1, 1, kernel) footprint, identical output).
+    n = x.shape[-1]
+    baseline = np.stack([ndimage.median_filter(row, size=kernel, mode="reflect") for row in x.reshape(-1, n)])
+    return baseline.reshape(x.shape)
+
+
+def _median_baseline_float32(x: np.ndarray, kernel: int) -> np.ndarray:
+    """The reference baseline rounded to float32, computed in float32 (~20 % faster, exactly that rounding).
+
+    A running median only compares values, and rounding to float32 keeps their order (it is monotone), so the
+    median of the rounded values is the rounded median: the baseline differs from the float64 one by at most
+    half a float32 ulp (6e-8 relative). No exact running median cheaper than scipy's was found: bottleneck's
+    move_median and pandas' rolling median are as fast or slower on these 301-sample windows (measured), and
+    the windows of neighbouring samples share all but one value, which a double heap already exploits.
+    """
+    n = x.shape[-1]
+    rows = x.reshape(-1, n).astype(np.float32)
+    baseline = np.empty_like(rows)
+    for row, out in zip(rows, baseline):
+        ndimage.median_filter(row, size=kernel, mode="reflect", output=out)
+    return baseline.reshape(x.shape)
 
 
 def _cut_windows(x: np.ndarray, contract: InputContract, source: str) -> tuple[np.ndarray, int]:
@@ -787,7 +898,7 @@ def _cut_windows(x: np.ndarray, contract: InputContract, source: str) -> tuple[n
     return segments.transpose(0, 2, 1, 3), 0
 
 
-def _scale(windows: np.ndarray, lead_mask: np.ndarray, contract: InputContract) -> np.ndarray:
+def _scale_reference(windows: np.ndarray, lead_mask: np.ndarray, contract: InputContract) -> np.ndarray:
     """Scale ``(B, W, L, t)`` windows; zero-filled leads stay exactly 0 and do not enter record statistics.
 
     Constant leads (see ``_CONSTANT_ATOL``) get a unit denominator instead of a zero one, so no NaN/inf:
@@ -819,3 +930,53 @@ def _scale(windows: np.ndarray, lead_mask: np.ndarray, contract: InputContract) 
         windows = np.where(constant, 0.0, windows)
     windows[:, :, ~lead_mask] = 0.0
     return windows
+
+
+def _scale_fast(windows: np.ndarray, lead_mask: np.ndarray, contract: InputContract) -> np.ndarray:
+    """:func:`_scale_reference` with fewer passes over the data, in place (``windows`` is a float64 array this
+    module owns): min and max once give both the peak-to-peak and the peak, the deviations from the mean are
+    computed once for the spread and reused as the output, and all-present leads are not copied out."""
+    low = windows.min(axis=-1, keepdims=True)
+    high = windows.max(axis=-1, keepdims=True)
+    span = high - low
+    constant = span <= _CONSTANT_ATOL + _CONSTANT_RTOL * np.maximum(high, -low)
+    if contract.scaling == "zscore_lead":
+        windows -= windows.mean(axis=-1, keepdims=True)
+        spread = np.sqrt(np.einsum("...t,...t->...", windows, windows)[..., np.newaxis] / windows.shape[-1])
+        windows /= np.where(constant, 1.0, spread)
+    elif contract.scaling == "zscore_record":
+        present = windows if lead_mask.all() else windows[:, :, lead_mask]
+        lows, highs = low[:, :, lead_mask], high[:, :, lead_mask]
+        record_low = lows.min(axis=(-2, -1), keepdims=True)
+        record_high = highs.max(axis=(-2, -1), keepdims=True)
+        flat = record_high - record_low <= _CONSTANT_ATOL + _CONSTANT_RTOL * np.maximum(
+            record_high, -record_low
+        )
+        centre = present.mean(axis=(-2, -1), keepdims=True)
+        windows -= centre
+        deviations = windows if lead_mask.all() else windows[:, :, lead_mask]
+        spread = np.sqrt(
+            np.einsum("...lt,...lt->...", deviations, deviations)[..., np.newaxis, np.newaxis]
+            / (deviations.shape[-2] * deviations.shape[-1])
+        )
+        windows /= np.where(flat, 1.0, spread)
+    elif contract.scaling == "minmax_lead":
+        windows -= low
+        windows *= 2.0 / np.where(constant, 1.0, span)
+        windows -= 1.0
+    if contract.zero_constant_leads:
+        windows = np.where(constant, 0.0, windows)
+    windows[:, :, ~lead_mask] = 0.0
+    return windows
+
+
+_KERNELS: dict[str, _Kernels] = {
+    "reference": _Kernels(
+        fir_zero_phase=_fir_zero_phase_reference,
+        median_baseline=_median_baseline_reference,
+        scale=_scale_reference,
+    ),
+    "fast": _Kernels(
+        fir_zero_phase=_fir_zero_phase_fft, median_baseline=_median_baseline_float32, scale=_scale_fast
+    ),
+}
