@@ -1,7 +1,7 @@
 """``enecg embed``: embed a prepared dataset with frozen experts into the feature cache and export a table.
 
     enecg embed DATASET --experts hubert-ecg-small runs/expert_a --out embeddings/ptbxl [--max-records N]
-        [--batch-size 64] [--dtype float32|bfloat16] [--cache-dir DIR] [--splits train validation]
+        [--batch-size 64] [--dtype float32|bfloat16] [--cache-dir DIR] [--splits train validation] [--num-workers 2]
     accelerate launch -m enecg.embed DATASET --experts ... --out DIR      (every process embeds its share)
 """
 
@@ -25,6 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="Records per forward pass (default 64).")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="Expert precision.")
     parser.add_argument("--shard-records", type=int, default=1024, help="Records per cache shard (default 1024).")
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=0,
+        help="DataLoader workers per process applying the contracts while it runs the experts (default 0).",
+    )
     parser.add_argument("--revision", help="Hub revision for experts given by name.")
     parser.add_argument("--hub-cache-dir", help="Hugging Face cache folder.")
     parser.add_argument("--offline", action="store_true", help="Use the Hugging Face cache only.")
@@ -42,6 +48,7 @@ def config_from(args: argparse.Namespace) -> EmbedConfig:
         batch_size=args.batch_size,
         dtype=args.dtype,
         shard_records=args.shard_records,
+        num_workers=args.num_workers,
         revision=args.revision,
         hub_cache_dir=args.hub_cache_dir,
         local_files_only=args.offline,

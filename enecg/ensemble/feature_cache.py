@@ -26,6 +26,11 @@ shard committed; the next run embeds only what is missing. Because a record's ba
 processes, a cache filled by N processes holds the same bits as one filled by one process (same device and
 threads). After a barrier, every process reads the whole table with :func:`build_feature_table`.
 
+**Workers.** Within a process, ``num_workers`` ``DataLoader`` workers read the records and apply the experts'
+contracts (:class:`ChunkInputs`, scipy filters and resampling) for the next chunks while the process runs the
+forwards of the current one, so a fast device does not wait on preprocessing. The chunks, their order and each
+expert's batch are the same as with 0 workers, and so is every stored bit.
+
 **Precision.** Experts run in fp32 by default; ``dtype=torch.bfloat16`` runs them under bf16 autocast and stores
 the result in a separate entry (the key's ``dtype``), never mixed with fp32 embeddings.
 """
@@ -49,13 +54,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from enecg.data.rows import label_arrays, rows_to_records
 from enecg.data.schema import TaskInfo
 from enecg.ensemble.inference import device_of
-from enecg.ensemble.inputs import EnsembleInputBuilder
+from enecg.ensemble.inputs import EnsembleBatch, EnsembleInputBuilder
 from enecg.record import ECGRecord, demographics_array
 from enecg.utils.files import write_text_atomic
+from enecg.utils.loaders import loader_options
 
 logger = logging.getLogger(__name__)
 
@@ -324,7 +331,19 @@ def embed_records(
 ) -> Tensor:
     """``(len(records), D)`` float32 embeddings of one expert branch (eval mode, no gradients); NaN rows for
     records its contract refuses (training and evaluation from the cache then route them to other experts)."""
-    prepared = builder(list(records)).to(device)
+    return embed_prepared(branch, name, builder(list(records)), device, dtype)
+
+
+def embed_prepared(
+    branch: nn.Module,
+    name: str,
+    prepared: EnsembleBatch,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """:func:`embed_records` on a batch already prepared with the expert's contract (e.g. in a DataLoader
+    worker)."""
+    prepared = prepared.to(device, non_blocking=device.type == "cuda")
     autocast = (
         torch.autocast(device_type=device.type, dtype=dtype)
         if dtype != torch.float32
@@ -346,6 +365,62 @@ def embed_records(
     if bool(unreadable.any()):
         embedded[unreadable] = float("nan")
     return embedded
+
+
+class ChunkInputs(torch.utils.data.Dataset):
+    """This process's chunks of a part, each prepared (contract applied) for every expert that lacks some of its
+    records: what :func:`fill_feature_cache` feeds its experts, so ``DataLoader`` workers can prepare the next
+    chunks while the main process runs the forwards.
+
+    Item ``i`` (chunk ``starts[i] // batch_size``) is ``{"keys": record keys, "missing": expert -> positions
+    of the records its cache entry lacked when the chunk was prepared, "inputs": expert -> EnsembleBatch of
+    those records}``. The batch is exactly what ``builder([records[j] for j in missing])`` gives in the main
+    process, so the embeddings do not depend on where it was prepared. Picklable (memory-mapped Arrow rows,
+    contracts, cache entries read from their folder), so any multiprocessing start method works.
+    """
+
+    def __init__(
+        self,
+        rows: datasets.Dataset,
+        starts: Sequence[int],
+        stop: int,
+        batch_size: int,
+        builders: dict[str, EnsembleInputBuilder],
+        entries: dict[str, CacheEntry],
+    ) -> None:
+        self.rows, self.starts, self.stop, self.batch_size = rows, list(starts), stop, batch_size
+        self.builders, self.entries = builders, entries
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def records(self, index: int) -> list[ECGRecord]:
+        start = self.starts[index]
+        return rows_to_records(self.rows[start : min(start + self.batch_size, self.stop)])[0]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        records = self.records(index)
+        keys = [record_key(r) for r in records]
+        missing = {
+            name: [j for j, key in enumerate(keys) if key not in entry]
+            for name, entry in self.entries.items()
+        }
+        return {"keys": keys, "missing": missing, "inputs": self.prepare(records, missing)}
+
+    def prepare(
+        self, records: Sequence[ECGRecord], missing: dict[str, list[int]]
+    ) -> dict[str, EnsembleBatch]:
+        """Each expert's contract on its missing records (experts missing none are left out)."""
+        return {
+            name: self.builders[name]([records[j] for j in positions])
+            for name, positions in missing.items()
+            if positions
+        }
+
+
+def _as_is(item: Any) -> Any:
+    """``collate_fn`` of a loader whose dataset items are whole batches already (module level: picklable)."""
+    return item
 
 
 @dataclass
@@ -387,6 +462,7 @@ def fill_feature_cache(
     device: torch.device | None = None,
     max_records: int | None = None,
     progress: Callable[[int], None] | None = None,
+    num_workers: int = 0,
 ) -> FillResult:
     """Embed this process's share of ``part`` with every expert branch and store what the cache lacks.
 
@@ -401,6 +477,9 @@ def fill_feature_cache(
         dtype: float32, or bfloat16 (autocast; a separate cache entry).
         max_records: only the first rows of ``part``.
         progress: called with the number of records of each chunk this process finished.
+        num_workers: ``DataLoader`` workers that read the records and apply the contracts (this process keeps
+            only the forwards); the cache holds the same bits as with 0 (the chunks, their order and each
+            expert's batch are the same).
     """
     if not 0 <= process_index < num_processes:
         raise ValueError(f"process_index {process_index} outside [0, {num_processes})")
@@ -421,28 +500,37 @@ def fill_feature_cache(
             entries[name].add(keys, torch.cat(parts), origin=f"process {process_index} of {num_processes}")
             pending[name] = ([], [])
 
+    # Chunk c belongs to process c % num_processes (see the module docstring).
+    starts = [start for c, start in enumerate(range(0, n, batch_size)) if c % num_processes == process_index]
+    chunks = ChunkInputs(rows_view, starts, n, batch_size, builders, entries)
+    loader = DataLoader(chunks, batch_size=None, collate_fn=_as_is, **loader_options(num_workers, device))
     mine = 0
-    for chunk, start in enumerate(range(0, n, batch_size)):
-        if chunk % num_processes != process_index:
-            continue
-        records, _ = rows_to_records(rows_view[start : min(start + batch_size, n)])
-        keys = [record_key(r) for r in records]
+    for index, chunk in enumerate(loader):
+        keys: list[str] = chunk["keys"]
+        inputs: dict[str, EnsembleBatch] = chunk["inputs"]
+        # Decided again here, where the shards are written: a record cached since a worker prepared the chunk
+        # (a repeated record key flushed meanwhile, another run filling the same cache) is not embedded twice.
+        missing = {name: [i for i, key in enumerate(keys) if key not in entries[name]] for name in branches}
+        stale = {
+            name: positions
+            for name, positions in missing.items()
+            if positions and positions != chunk["missing"][name]
+        }
+        if stale:
+            inputs = {**inputs, **chunks.prepare(chunks.records(index), stale)}
         for name, branch in branches.items():
-            missing = [i for i, key in enumerate(keys) if key not in entries[name]]
-            reused[name] += len(keys) - len(missing)
-            if not missing:
+            reused[name] += len(keys) - len(missing[name])
+            if not missing[name]:
                 continue
-            embedded = embed_records(
-                branch, builders[name], name, [records[i] for i in missing], device, dtype
-            )
-            pending[name][0].extend(keys[i] for i in missing)
+            embedded = embed_prepared(branch, name, inputs[name], device, dtype)
+            pending[name][0].extend(keys[i] for i in missing[name])
             pending[name][1].append(embedded)
-            computed[name] += len(missing)
+            computed[name] += len(missing[name])
             if len(pending[name][0]) >= shard_records:
                 flush(name)
-        mine += len(records)
+        mine += len(keys)
         if progress is not None:
-            progress(len(records))
+            progress(len(keys))
     for name in branches:
         flush(name)
     return FillResult(computed=computed, reused=reused, records=mine)

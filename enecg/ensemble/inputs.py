@@ -8,7 +8,7 @@ collates, the feature cache, prediction and evaluation all go through this one p
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,16 +61,24 @@ class EnsembleBatch:
             "available": self.available,
         }
 
-    def to(self, device: torch.device | str) -> EnsembleBatch:
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> EnsembleBatch:
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> EnsembleBatch:
+        """The batch in page-locked host memory (``DataLoader(pin_memory=True)`` calls this on what workers
+        return), so copies to a CUDA device can run asynchronously."""
+        return self._map(lambda t: t.pin_memory())
+
+    def _map(self, move: Callable[[Tensor], Tensor]) -> EnsembleBatch:
         return EnsembleBatch(
-            expert_inputs={k: v.to(device) for k, v in self.expert_inputs.items()},
-            window_masks={k: v.to(device) for k, v in self.window_masks.items()},
-            gate_input=None if self.gate_input is None else self.gate_input.to(device),
-            demographics=self.demographics.to(device),
+            expert_inputs={k: move(v) for k, v in self.expert_inputs.items()},
+            window_masks={k: move(v) for k, v in self.window_masks.items()},
+            gate_input=None if self.gate_input is None else move(self.gate_input),
+            demographics=move(self.demographics),
             record_ids=list(self.record_ids),
-            lead_masks={k: v.to(device) for k, v in self.lead_masks.items()},
-            valid_samples={k: v.to(device) for k, v in self.valid_samples.items()},
-            available=None if self.available is None else self.available.to(device),
+            lead_masks={k: move(v) for k, v in self.lead_masks.items()},
+            valid_samples={k: move(v) for k, v in self.valid_samples.items()},
+            available=None if self.available is None else move(self.available),
             refusals={k: list(v) for k, v in self.refusals.items()},
             record_leads=[list(leads) for leads in self.record_leads],
         )

@@ -6,7 +6,8 @@ every process embeds its own chunks of records, writes its shards atomically and
 an interrupted run resumes where it stopped. The main process then writes a ``datasets`` table to ``DIR``
 (``datasets.load_from_disk``): ``record_id``, ``patient_id``, ``split``, the dataset's label columns and one
 ``float32`` column per expert (NaN rows for records an expert's contract refuses), for users who want linear
-probes or their own heads.
+probes or their own heads. With ``--num-workers N`` each process's DataLoader workers read the records and apply
+the contracts while the process runs the forwards.
 """
 
 from __future__ import annotations
@@ -75,6 +76,13 @@ class EmbedConfig:
     shard_records: int = field(
         default=1024, metadata={"help": "Records per cache shard (an interrupted run keeps every flushed shard)."}
     )
+    num_workers: int = field(
+        default=0,
+        metadata={
+            "help": "DataLoader workers per process reading records and applying the contracts while the process "
+            "runs the forwards (the cache holds the same bits as with 0)."
+        },
+    )
     revision: str | None = field(default=None, metadata={"help": "Hub revision for experts given by name."})
     hub_cache_dir: str | None = field(default=None, metadata={"help": "Hugging Face cache folder."})
     local_files_only: bool = field(default=False, metadata={"help": "Never reach the Hub (offline cache only)."})
@@ -85,6 +93,8 @@ class EmbedConfig:
             raise ValueError("enecg embed needs at least one expert")
         if self.batch_size < 1 or self.shard_records < 1:
             raise ValueError("batch_size and shard_records must be >= 1")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.max_records is not None and self.max_records < 1:
             raise ValueError(f"max_records must be >= 1, got {self.max_records}")
         if self.dtype not in DTYPES:
@@ -139,6 +149,7 @@ def embed_dataset(config: EmbedConfig, state: Any | None = None) -> EmbedResult:
             device=state.device,
             max_records=config.max_records,
             progress=bar.update if bar is not None else None,
+            num_workers=config.num_workers,
         )
         if bar is not None:
             bar.close()

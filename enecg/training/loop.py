@@ -21,8 +21,18 @@ gate on out-of-fold predictions. :func:`run_phase` runs one :class:`Phase`:
    reloads its best weights, so a strategy re-run after a crash replays its finished phases in seconds.
 5. At the end each group's best weights are loaded into the model.
 
-Callbacks (:class:`TrainerCallback`) see phase starts and ends, optimizer steps, epochs and checkpoints: the
-resume and multi-process tests and the benchmarks hook in there, not into private methods.
+Callbacks (:class:`TrainerCallback`) see phase starts and ends, micro-batches (once fetched, and done), optimizer
+steps, epochs and checkpoints: the resume and multi-process tests and the benchmarks hook in there, not into
+private methods.
+
+**Data wait.** Every training micro-batch is timed twice: how long the loop was blocked fetching it from the loader
+(reading records and applying contracts in the main process, or waiting for workers) and its whole time (that wait
+plus forward, backward and optimizer step; validation and checkpoints are not steps). The trackers get
+``time/data_wait_share`` (and the seconds) of the steps since their previous log, and :class:`PhaseResult` the
+phase's totals over every process (:class:`DataWait`): the share of a step an accelerator would idle waiting
+for data. A resumed phase counts only the steps it ran itself. Accelerate's loader fetches one batch ahead, so
+the first step of an epoch waits for two batches and the last for none: sums over steps are exact, single steps
+are not.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ import logging
 import math
 import re
 import shutil
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +69,7 @@ from enecg.evaluation.metrics import (
 )
 from enecg.training.data import EpochShuffleSampler, IndexDataset, step_seed
 from enecg.utils.files import write_text_atomic
+from enecg.utils.loaders import loader_options
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -183,6 +195,44 @@ class TrainerState:
 
 
 @dataclass
+class DataWait:
+    """Seconds training micro-batches spent blocked on the loader (``wait``) out of their whole time (``total``),
+    and how many micro-batches (``steps``)."""
+
+    wait: float = 0.0
+    total: float = 0.0
+    steps: int = 0
+
+    def add(self, wait: float, total: float) -> None:
+        self.wait += wait
+        self.total += total
+        self.steps += 1
+
+    def __sub__(self, earlier: DataWait) -> DataWait:
+        return DataWait(self.wait - earlier.wait, self.total - earlier.total, self.steps - earlier.steps)
+
+    def __add__(self, other: DataWait) -> DataWait:
+        return DataWait(self.wait + other.wait, self.total + other.total, self.steps + other.steps)
+
+    @property
+    def share(self) -> float | None:
+        """``wait / total`` (None before any step)."""
+        return self.wait / self.total if self.total > 0 else None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "data_wait_seconds": self.wait,
+            "step_seconds": self.total,
+            "micro_batches": self.steps,
+            "data_wait_share": self.share,
+        }
+
+    @classmethod
+    def from_summary(cls, summary: Mapping[str, Any]) -> DataWait:
+        return cls(summary["data_wait_seconds"], summary["step_seconds"], summary["micro_batches"])
+
+
+@dataclass
 class PhaseResult:
     """What a finished phase reports (the same on every process)."""
 
@@ -192,6 +242,7 @@ class PhaseResult:
     groups: dict[str, GroupState]
     history: list[dict[str, Any]]
     resumed_from: str | None
+    data_wait: DataWait = field(default_factory=DataWait)  # summed over processes
 
     @property
     def best_metric(self) -> float | None:
@@ -214,6 +265,7 @@ class PhaseResult:
             "global_step": self.global_step,
             "groups": {k: dataclasses.asdict(v) for k, v in self.groups.items()},
             "resumed_from": self.resumed_from,
+            "data_wait": self.data_wait.summary(),
         }
 
 
@@ -236,6 +288,10 @@ class TrainerCallback:
 
     def on_evaluate(self, loop: PhaseLoop, logs: dict[str, Any]) -> None:
         """After an epoch's validation and selection (``logs``: what goes to the trackers)."""
+
+    def on_micro_batch_begin(self, loop: PhaseLoop) -> None:
+        """Right after a training micro-batch was fetched, before its forward (``loop.last_data_wait``: seconds
+        spent waiting for it)."""
 
     def on_micro_batch_end(self, loop: PhaseLoop) -> None:
         """After every micro-batch (gradient accumulation: several per optimizer step)."""
@@ -269,6 +325,17 @@ class RunContext:
     @property
     def n_train(self) -> int:
         return len(self.collates["train"])
+
+    def loader_options(self) -> dict[str, Any]:
+        """``DataLoader`` keyword arguments of this run: workers, pinned memory on CUDA, the recipe's
+        ``persistent_workers`` / ``prefetch_factor``."""
+        data = self.recipe.data
+        return loader_options(
+            self.num_workers,
+            self.accelerator.device,
+            persistent_workers=data.persistent_workers,
+            prefetch_factor=data.prefetch_factor,
+        )
 
     def patient_ids(self, label: str) -> list[str]:
         """Patient of every row of a part (in row order)."""
@@ -311,7 +378,7 @@ def eval_loader(ctx: RunContext, label: str, rows: np.ndarray | None = None) -> 
         batch_size=ctx.recipe.optim.eval_batch_size,
         shuffle=False,
         collate_fn=collate,
-        num_workers=ctx.num_workers,
+        **ctx.loader_options(),
     )
     return ctx.accelerator.prepare(loader)
 
@@ -363,7 +430,7 @@ def _run_phase(ctx: RunContext, phase: Phase, phase_dir: Path, names: list[str])
         IndexDataset(len(train_collate)),
         batch_sampler=BatchSampler(sampler, optim.batch_size, drop_last=False),
         collate_fn=train_collate,
-        num_workers=ctx.num_workers,
+        **ctx.loader_options(),
     )
     lr = phase.lr if phase.lr is not None else optim.lr
     optimizer = torch.optim.AdamW(
@@ -430,6 +497,7 @@ def _run_phase(ctx: RunContext, phase: Phase, phase_dir: Path, names: list[str])
     finally:
         for handle in hooks:
             handle.remove()
+    data_wait = _sum_over_processes(accelerator, loop.data_wait)
     accelerator.wait_for_everyone()
     accelerator.free_memory()  # forget this phase's wrapped model/optimizer/loaders before the next phase
     return PhaseResult(
@@ -439,6 +507,7 @@ def _run_phase(ctx: RunContext, phase: Phase, phase_dir: Path, names: list[str])
         groups={k: dataclasses.replace(v) for k, v in state.groups.items()},
         history=list(state.history),
         resumed_from=str(resumed_from) if resumed_from else None,
+        data_wait=data_wait,
     )
 
 
@@ -471,6 +540,9 @@ class PhaseLoop:
         self.group_params = {g: [params[n] for n in ns] for g, ns in group_names.items()}
         self.group_names = group_names
         self.task_infos = ctx.task_infos
+        self.data_wait = DataWait()  # this process's training micro-batches
+        self.last_data_wait = 0.0  # seconds the current micro-batch waited for the loader
+        self._logged_wait = DataWait()  # data_wait at the previous tracker log
 
     @property
     def from_embeddings(self) -> bool:
@@ -536,7 +608,11 @@ class PhaseLoop:
         self.sampler.set_epoch(state.epoch)
         self.model.train()
         every = self.recipe.output.checkpoint_every_steps
+        fetching = time.perf_counter()
         for batch in loader:
+            self.last_data_wait = time.perf_counter() - fetching
+            for callback in self.ctx.callbacks:
+                callback.on_micro_batch_begin(self)
             seed_rng(step_seed(self.run_plan.seed, accelerator.process_index, state.micro_step), accelerator.device)
             with accelerator.accumulate(self.model):
                 output = self.forward(self.model, batch)
@@ -549,7 +625,9 @@ class PhaseLoop:
                 self.optimizer.zero_grad()
             state.micro_step += 1
             state.batches_done += 1
+            # _accumulate_logs reads the loss back (float()), so on a GPU the step's kernels are done here.
             self._accumulate_logs(loss, parts, output, len(batch["index"]))
+            self.data_wait.add(self.last_data_wait, time.perf_counter() - fetching)
             for callback in self.ctx.callbacks:
                 callback.on_micro_batch_end(self)
             if accelerator.sync_gradients:
@@ -561,6 +639,7 @@ class PhaseLoop:
                         f"{self._prefix}train/lr": self.scheduler.get_last_lr()[0],
                     }
                     logs |= {f"{self._prefix}train/step_{k}": float(v) for k, v in parts.items()}
+                    logs |= self._data_wait_logs()
                     accelerator.log(logs, step=self.ctx.logged_steps + state.global_step)
                 for callback in self.ctx.callbacks:
                     callback.on_step_end(self)
@@ -570,6 +649,19 @@ class PhaseLoop:
                 end_of_epoch = accelerator.gradient_state.end_of_dataloader
                 if every is not None and state.global_step % every == 0 and not end_of_epoch:
                     self.checkpoint()
+            fetching = time.perf_counter()
+
+    def _data_wait_logs(self) -> dict[str, float]:
+        """This process's data-wait share and seconds over the steps since the previous tracker log."""
+        window = self.data_wait - self._logged_wait
+        self._logged_wait = dataclasses.replace(self.data_wait)
+        if window.share is None:
+            return {}
+        return {
+            f"{self._prefix}time/data_wait_share": window.share,
+            f"{self._prefix}time/data_wait_s": window.wait,
+            f"{self._prefix}time/step_s": window.total,
+        }
 
     @property
     def _prefix(self) -> str:
@@ -1033,6 +1125,17 @@ def latest_checkpoint(phase_dir: str | Path) -> Path | None:
     """The most recent complete checkpoint of a run (or phase) folder (what ``output.resume: auto`` resumes)."""
     complete = _complete_checkpoints(Path(phase_dir) / CHECKPOINTS_DIR)
     return complete[-1] if complete else None
+
+
+def _sum_over_processes(accelerator: Accelerator, local: DataWait) -> DataWait:
+    """``local`` summed over every process (a collective: every process calls it)."""
+    if accelerator.num_processes == 1:
+        return dataclasses.replace(local)
+    values = torch.tensor(
+        [local.wait, local.total, local.steps], dtype=torch.float64, device=accelerator.device
+    )
+    wait, total, steps = accelerator.reduce(values, "sum").cpu().tolist()
+    return DataWait(wait, total, round(steps))
 
 
 def _mean_over_processes(accelerator: Accelerator, total: float, count: float) -> float:

@@ -167,7 +167,24 @@ class DataSection:
         default=None, metadata={"help": "Feature cache folder (default: <output.dir>/feature_cache)."}
     )
     num_workers: int = field(
-        default=0, metadata={"help": "DataLoader workers preparing records (uncached training)."}
+        default=0,
+        metadata={
+            "help": "DataLoader workers preparing records (contracts) for uncached training and evaluation and "
+            "for the feature-cache fill; host memory is pinned when the device is CUDA."
+        },
+    )
+    persistent_workers: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the DataLoader workers alive between epochs instead of starting them for every pass "
+            "(only with num_workers > 0)."
+        },
+    )
+    prefetch_factor: int | None = field(
+        default=None,
+        metadata={
+            "help": "Batches each worker prepares ahead (null: torch's default, 2; only with num_workers > 0)."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -179,6 +196,8 @@ class DataSection:
             raise ValueError("data.max_records must be >= 1 or null")
         if self.num_workers < 0:
             raise ValueError("data.num_workers must be >= 0")
+        if self.prefetch_factor is not None and self.prefetch_factor < 1:
+            raise ValueError("data.prefetch_factor must be >= 1 or null")
 
 
 @dataclass

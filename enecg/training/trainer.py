@@ -9,7 +9,8 @@ Per run:
 
 1. **Features.** When the ensemble allows it (frozen experts), every expert embeds every record once through the
    feature cache (:mod:`enecg.ensemble.feature_cache`), on the main process first; training then reads
-   embeddings (``from_embeddings=True``). Otherwise records are prepared per batch.
+   embeddings (``from_embeddings=True``). Otherwise records are prepared per batch. ``data.num_workers``
+   DataLoader workers apply the contracts in both cases (cache fill, uncached batches).
 2. **Strategy.** The recipe's training strategy (``model.strategy``, :mod:`enecg.training.strategies`: ``joint``
    or ``staged``) trains heads, LoRA and gate as one or more phases (:mod:`enecg.training.loop`: optimizer,
    schedule, validation-based selection, early stopping, checkpoints and exact resume per phase).
@@ -66,6 +67,7 @@ from enecg.training.loop import (
     CHECKPOINTS_DIR,
     TRAINABLE_WEIGHTS_FILE,
     TRAINER_STATE_FILE,
+    DataWait,
     RunContext,
     TrainerCallback,
     check_selection_metric,
@@ -123,6 +125,7 @@ class RunResult:
     validation_part: str | None = None  # dataset parts of this run (for reports on the saved model)
     test_part: str | None = None
     strategy: dict[str, Any] = field(default_factory=dict)  # name, final phase, every phase's summary
+    data_wait: dict[str, Any] = field(default_factory=dict)  # of the training steps, all phases (DataWait)
 
 
 @dataclass
@@ -257,6 +260,7 @@ def _train_run(
                 process_index=accelerator.process_index,
                 num_processes=accelerator.num_processes,
                 batch_size=recipe.optim.eval_batch_size,
+                num_workers=recipe.data.num_workers,
             )
             for label, part in present
         }
@@ -331,6 +335,7 @@ def _train_run(
         validation_part=run.validation_part,
         test_part=run.test_part,
         strategy={"name": strategy.name, **fitted.summary()},
+        data_wait=sum((r.data_wait for r in fitted.phases.values()), DataWait()).summary(),
     )
 
 
@@ -553,7 +558,8 @@ def _save_model(model: Ensemble, directory: Path) -> Path | None:
 
 
 def _summarise(results: list[RunResult]) -> dict[str, Any]:
-    """Mean and standard deviation of each test (else validation) headline metric over runs."""
+    """Mean and standard deviation of each test (else validation) headline metric over runs; the data wait of
+    every run's training steps together."""
     table: dict[str, list[float]] = {}
     for result in results:
         for key, value in (result.test or result.validation).items():
@@ -565,4 +571,7 @@ def _summarise(results: list[RunResult]) -> dict[str, Any]:
             k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "n": len(v)}
             for k, v in sorted(table.items())
         },
+        "data_wait": sum(
+            (DataWait.from_summary(r.data_wait) for r in results if r.data_wait), DataWait()
+        ).summary(),
     }
