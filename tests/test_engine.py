@@ -46,6 +46,13 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.2), nn.ReLU(), nn.Linear(16, 1))
 
 
+def _trainer(args: TrainerArguments, batch_size: int = 8, **options: Any) -> tuple[nn.Module, Trainer]:
+    """A fresh toy model and its AdamW trainer over the toy data."""
+    model = _model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    return model, Trainer(model, optimizer, _loader(batch_size), _loss, args, **options)
+
+
 def _loss(model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     x, y = batch
     loss = nn.functional.mse_loss(model(x).squeeze(-1), y)
@@ -108,15 +115,8 @@ def test_the_loop_callback_base_is_the_engines() -> None:
 
 
 def test_a_toy_model_trains_without_an_accelerator() -> None:
-    model = _model()
-    before = _val_loss(model)["val_loss"]
-    trainer = Trainer(
-        model,
-        torch.optim.AdamW(model.parameters(), lr=1e-2),
-        _loader(),
-        _loss,
-        TrainerArguments(epochs=30, max_grad_norm=1.0, log_every=20),
-    )
+    model, trainer = _trainer(TrainerArguments(epochs=30, max_grad_norm=1.0, log_every=20))
+    before = _val_loss(_model())["val_loss"]
     state = trainer.train()
     assert trainer.steps_per_epoch == 4 and state.global_step == 120 and state.epoch == 30
     assert [entry["step"] for entry in state.log_history] == [20, 40, 60, 80, 100, 120]
@@ -140,19 +140,16 @@ def test_callbacks_fire_in_order(tmp_path: Path, fresh_accelerate_state: None) -
     from accelerate import Accelerator
 
     recorder = Recorder()
-    model = _model()
-    Trainer(
-        model,
-        torch.optim.AdamW(model.parameters(), lr=1e-2),
-        _loader(batch_size=16),
-        _loss,
+    _, trainer = _trainer(
         TrainerArguments(
             max_steps=3, log_every=2, eval_every=2, checkpoint_every=2, output_dir=str(tmp_path)
         ),
+        batch_size=16,
         accelerator=Accelerator(cpu=True),
         evaluate=_val_loss,
         callbacks=[recorder],
-    ).train()
+    )
+    trainer.train()
     assert recorder.events == [
         "train_begin",
         "epoch_begin:0",
@@ -181,12 +178,7 @@ def test_early_stopping_restores_the_best_state() -> None:
         def on_evaluate(self, loop: Any, logs: dict[str, Any]) -> None:
             weights[logs["step"]] = {k: v.clone() for k, v in loop.model.state_dict().items()}
 
-    model = _model()
-    trainer = Trainer(
-        model,
-        torch.optim.AdamW(model.parameters(), lr=1e-2),
-        _loader(),
-        _loss,
+    model, trainer = _trainer(
         TrainerArguments(max_steps=100, eval_every=2, metric_for_best="val_loss", early_stopping_patience=2),
         evaluate=lambda _: {"val_loss": next(scripted)},
         callbacks=[Keep()],
@@ -217,12 +209,7 @@ def _checkpointed_run(
             if kill_at is not None and loop.state.micro_step == kill_at:
                 raise Stop
 
-    model = _model()
-    trainer = Trainer(
-        model,
-        torch.optim.AdamW(model.parameters(), lr=1e-2),
-        _loader(),
-        _loss,
+    model, trainer = _trainer(
         TrainerArguments(
             epochs=3,
             eval_every=3,

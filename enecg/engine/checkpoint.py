@@ -8,11 +8,13 @@ that a resume could pick.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from enecg.utils.files import write_text_atomic
 
@@ -38,6 +40,18 @@ def complete_checkpoints(folder: Path) -> list[Path]:
         if match and (path / TRAINER_STATE_FILE).is_file():
             found.append((int(match.group(1)), path))
     return [p for _, p in sorted(found)]
+
+
+def read_trainer_state(path: Path, state_class: type) -> dict[str, Any]:
+    """The fields of a checkpoint's ``trainer_state.json`` for the dataclass ``state_class``; errors name the file."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable trainer state ({exc})") from None
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(state_class)})
+    if unknown:
+        raise ValueError(f"{path}: unknown trainer-state keys {unknown} (written by another enecg version?)")
+    return data
 
 
 def write_checkpoint(

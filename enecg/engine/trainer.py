@@ -44,7 +44,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from enecg.engine.callbacks import TrainerCallback
-from enecg.engine.checkpoint import TRAINER_STATE_FILE, checkpoint_name, write_checkpoint
+from enecg.engine.checkpoint import (
+    TRAINER_STATE_FILE,
+    checkpoint_name,
+    read_trainer_state,
+    write_checkpoint,
+)
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -132,15 +137,7 @@ class TrainerState:
     @classmethod
     def load(cls, path: Path) -> TrainerState:
         """Read a checkpoint's ``trainer_state.json``; errors name the file."""
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path}: not a readable trainer state ({exc})") from None
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(
-                f"{path}: unknown trainer-state keys {unknown} (written by another enecg version?)"
-            )
+        data = read_trainer_state(path, cls)
         return cls(**data)
 
 

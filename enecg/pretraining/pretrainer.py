@@ -2,8 +2,9 @@
 
 ``pretrain(config)`` reads unlabelled records (a prepared dataset's parts, or a folder of WFDB records), applies
 the input contract in the collate function (vectorised per batch), augments two adjacent segments of each record,
-optimises the objective(s) of :mod:`enecg.pretraining.objectives` with ``accelerate`` (one process, or several
-under ``accelerate launch`` / ``torchrun``; mixed precision as configured), and saves the *encoder only* as an
+optimises the objective(s) of :mod:`enecg.pretraining.objectives` on the engine's
+:class:`~enecg.engine.Trainer` with ``accelerate`` (one process, or several under ``accelerate launch`` /
+``torchrun``; mixed precision as configured; warm-up + cosine schedule), and saves the *encoder only* as an
 in-house expert folder (:func:`~enecg.experts.inhouse.save_inhouse_expert`, family ``light``) on the main process.
 The projection head and the decoder are pretraining-only and are dropped. ``enecg.load_expert(folder)`` (or the
 Hub ID after uploading the folder) then gives a frozen expert whose contract is the one trained with: fixed-length

@@ -9,7 +9,8 @@ any other expert. An existing folder is reused as is (delete it to rebuild).
 
 The supervised loop is public and reused by standalone recipes (``enecg efficiency``, ``enecg transfer``):
 :class:`SupervisedRows` (one task's labelled rows of a part, contract applied), :func:`train_supervised` (AdamW
-steps on random batches, optional validation with the best weights restored), :func:`fit_light_model` (the same
+steps on random batches on the engine's :class:`~enecg.engine.Trainer`, optional validation with the best
+weights restored), :func:`fit_light_model` (the same
 by epochs with a :class:`SupervisedSettings` budget), :func:`predict_supervised` and :func:`validation_loss`, plus
 the recipe sections :class:`SupervisedDataSection` and :class:`LightInputSection`.
 """

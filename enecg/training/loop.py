@@ -52,6 +52,7 @@ from enecg.engine.checkpoint import (
     TRAINER_STATE_FILE,
     checkpoint_name,
     complete_checkpoints,
+    read_trainer_state,
     write_checkpoint,
 )
 from enecg.ensemble.inference import evaluating
@@ -173,16 +174,7 @@ class TrainerState:
     @classmethod
     def load(cls, path: Path) -> TrainerState:
         """Read a checkpoint's ``trainer_state.json``; errors name the file."""
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from None
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(
-                f"{path}: unknown trainer-state keys {unknown} (written by another enecg version?)"
-            )
+        data = read_trainer_state(path, cls)
         data["groups"] = {k: GroupState(**v) for k, v in (data.get("groups") or {}).items()}
         return cls(**data)
 
