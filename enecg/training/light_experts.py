@@ -17,6 +17,7 @@ the recipe sections :class:`SupervisedDataSection` and :class:`LightInputSection
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -261,14 +262,6 @@ def train_supervised(
         windows, demographics, labels = batch
         return _loss(_forward(model, windows, demographics), labels, task, mean, std), {}
 
-    def evaluate(model: torch.nn.Module) -> dict[str, float]:
-        assert validation is not None
-        return {
-            "validation_loss": validation_loss(
-                model, validation, mean=mean, std=std, batch_size=max(batch_size, 64)
-            )
-        }
-
     trainer = Trainer(
         model,
         torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay),
@@ -280,7 +273,13 @@ def train_supervised(
             eval_every=eval_every or None,
             metric_for_best="validation_loss" if validation is not None else None,
         ),
-        evaluate=evaluate if validation is not None else None,
+        evaluate=(
+            functools.partial(
+                _validation_metrics, rows=validation, mean=mean, std=std, batch_size=max(batch_size, 64)
+            )
+            if validation is not None
+            else None
+        ),
     )
     state = trainer.train()
     model.eval()
@@ -310,6 +309,12 @@ def _outputs(
     finally:
         model.train(was_training)
     return torch.cat(logits), torch.cat(labels)
+
+
+def _validation_metrics(
+    model: torch.nn.Module, *, rows: SupervisedRows, mean: float, std: float, batch_size: int
+) -> dict[str, float]:
+    return {"validation_loss": validation_loss(model, rows, mean=mean, std=std, batch_size=batch_size)}
 
 
 def validation_loss(
