@@ -26,6 +26,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("experts",),
     ("ensemble",),
     ("evaluation",),
+    ("engine",),  # the generic Trainer + TrainerCallback under the three training packages
     ("training", "pretraining", "generative"),
     ("hub",),
     ("testing",),

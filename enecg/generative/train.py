@@ -1,8 +1,9 @@
 """Training a label-conditional ECG diffusion model: :class:`GenerativeConfig` and :func:`train_diffusion`.
 
 Only training parts are read: a config naming ``validation`` or ``test`` is refused, and rows already marked
-synthetic (``source`` ``synthetic:...``) are left out, so a model never learns from generated records. The loop
-runs under ``accelerate`` (one process, or several with ``accelerate launch``); the model is saved Hub-ready on
+synthetic (``source`` ``synthetic:...``) are left out, so a model never learns from generated records. Training
+runs on the engine's :class:`~enecg.engine.Trainer` under ``accelerate`` (one process, or several with
+``accelerate launch``); :class:`LossCurve` records the loss curve; the model is saved Hub-ready on
 the main process (:func:`~enecg.generative.model.save_diffusion`).
 """
 
@@ -23,6 +24,7 @@ import yaml
 from enecg.contract import apply_contract_array
 from enecg.data.build import load_dataset_dir
 from enecg.data.schema import EVALUATION_PARTS, TaskInfo, is_synthetic
+from enecg.engine import Trainer, TrainerArguments, TrainerCallback
 from enecg.generative.model import DiffusionSpec, ECGDiffusion, save_diffusion
 
 logger = logging.getLogger(__name__)
@@ -208,32 +210,33 @@ def train_diffusion(config: GenerativeConfig) -> Path:
         drop_last=len(dataset) > config.batch_size,
         generator=torch.Generator().manual_seed(config.seed),
     )
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    core: ECGDiffusion = accelerator.unwrap_model(model)
     drop_generator = torch.Generator().manual_seed(config.seed + 1)
-    curve: list[dict[str, float]] = []
-    window: list[float] = []
-    step, started = 0, time.time()
-    model.train()
-    while step < config.max_steps:
-        for signals, labels, age, sex in loader:
-            # Unlabelled rows and a random fraction train the unconditioned branch.
-            drop = torch.rand(signals.shape[0], generator=drop_generator) < config.condition_dropout
-            drop = (drop.to(labels.device) | labels.isnan().all(dim=1)).to(signals.device)
-            condition = core.condition(labels, signals.shape[0], age, sex, drop)
-            with accelerator.autocast():
-                loss = core.loss(signals, condition)
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad()
-            step += 1
-            window.append(float(accelerator.gather(loss.detach()[None]).mean()))
-            if step % config.log_every == 0 or step == config.max_steps:
-                curve.append({"step": step, "loss": float(np.mean(window))})
-                logger.info("step %d loss %.4f", step, curve[-1]["loss"])
-                window = []
-            if step >= config.max_steps:
-                break
+
+    def compute_loss(
+        model: torch.nn.Module, batch: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        signals, labels, age, sex = batch
+        core: ECGDiffusion = trainer.unwrapped  # type: ignore[assignment]
+        # Unlabelled rows and a random fraction train the unconditioned branch.
+        drop = torch.rand(signals.shape[0], generator=drop_generator) < config.condition_dropout
+        drop = (drop.to(labels.device) | labels.isnan().all(dim=1)).to(signals.device)
+        condition = core.condition(labels, signals.shape[0], age, sex, drop)
+        with accelerator.autocast():
+            return core.loss(signals, condition), {}
+
+    curve = LossCurve(config.log_every, config.max_steps)
+    trainer = Trainer(
+        model,
+        optimizer,
+        loader,
+        compute_loss,
+        TrainerArguments(max_steps=config.max_steps),
+        accelerator=accelerator,
+        callbacks=[curve],
+    )
+    started = time.time()
+    step = trainer.train().global_step
+    core: ECGDiffusion = trainer.unwrapped  # type: ignore[assignment]
     metrics = {
         "steps": step,
         "records": len(dataset),
@@ -241,9 +244,9 @@ def train_diffusion(config: GenerativeConfig) -> Path:
             name: int(np.nansum(arrays.labels[:, i])) for i, name in enumerate(spec.label_names)
         },
         "parameters": int(sum(p.numel() for p in core.parameters())),
-        "first_loss": curve[0]["loss"],
-        "final_loss": curve[-1]["loss"],
-        "loss_curve": curve,
+        "first_loss": curve.points[0]["loss"],
+        "final_loss": curve.points[-1]["loss"],
+        "loss_curve": curve.points,
         "seconds": round(time.time() - started, 1),
         "generative_config": config.to_dict(),
     }
@@ -251,3 +254,21 @@ def train_diffusion(config: GenerativeConfig) -> Path:
     if accelerator.is_main_process:
         save_diffusion(core.eval(), out, metrics)
     return out
+
+
+class LossCurve(TrainerCallback):
+    """The loss curve of ``metrics.json``: every ``log_every`` steps (and at the last), the mean over the window's
+    steps of each step's loss averaged over processes."""
+
+    def __init__(self, log_every: int, max_steps: int) -> None:
+        self.log_every, self.max_steps = log_every, max_steps
+        self.points: list[dict[str, float]] = []
+        self._window: list[float] = []
+
+    def on_step_end(self, loop: Any) -> None:
+        step = loop.state.global_step
+        self._window.append(float(loop.accelerator.gather(loop.last_loss[None]).mean()))
+        if step % self.log_every == 0 or step == self.max_steps:
+            self.points.append({"step": step, "loss": float(np.mean(self._window))})
+            logger.info("step %d loss %.4f", step, self.points[-1]["loss"])
+            self._window = []

@@ -2,8 +2,9 @@
 
 ``pretrain(config)`` reads unlabelled records (a prepared dataset's parts, or a folder of WFDB records), applies
 the input contract in the collate function (vectorised per batch), augments two adjacent segments of each record,
-optimises the objective(s) of :mod:`enecg.pretraining.objectives` with ``accelerate`` (one process, or several
-under ``accelerate launch`` / ``torchrun``; mixed precision as configured), and saves the *encoder only* as an
+optimises the objective(s) of :mod:`enecg.pretraining.objectives` on the engine's
+:class:`~enecg.engine.Trainer` with ``accelerate`` (one process, or several under ``accelerate launch`` /
+``torchrun``; mixed precision as configured; warm-up + cosine schedule), and saves the *encoder only* as an
 in-house expert folder (:func:`~enecg.experts.inhouse.save_inhouse_expert`, family ``light``) on the main process.
 The projection head and the decoder are pretraining-only and are dropped. ``enecg.load_expert(folder)`` (or the
 Hub ID after uploading the folder) then gives a frozen expert whose contract is the one trained with: fixed-length
@@ -28,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from enecg.contract import InputContract, Scaling
+from enecg.engine.trainer import Trainer, TrainerArguments
 from enecg.experts.families.light import ARCHITECTURES, LightCNNConfig
 from enecg.experts.family import get_family
 from enecg.experts.inhouse import EXPERT_SPEC_FILE, save_inhouse_expert
@@ -317,81 +319,68 @@ def pretrain(config: PretrainConfig) -> Path:
         projection_dim=config.projection_dim,
         decoder_channels=config.decoder_channels,
     )
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise ValueError(f"{config.data}: no full batch per process; lower batch_size or add records")
-    total_steps = config.max_steps or config.epochs * steps_per_epoch
-    # Stepped by hand once per optimizer step (a prepared scheduler would step once per process).
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _warmup_cosine(int(config.warmup_fraction * total_steps), total_steps)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
     )
     augment = ECGAugment(config.augmentation, config.fs) if config.augment else None
     generator = torch.Generator(device=accelerator.device)
     generator.manual_seed(config.seed * 1009 + accelerator.process_index)  # distinct draws per process
     use_mask = config.objective in ("reconstruction", "combined")
-
-    progress = _progress(total_steps, accelerator.is_local_main_process)
-    window: dict[str, list[torch.Tensor]] = {}
-    first_logs: dict[str, float] | None = None
-    last_logs: dict[str, float] = {}
     records_seen = torch.zeros((), dtype=torch.long, device=accelerator.device)
     records_skipped = torch.zeros((), dtype=torch.long, device=accelerator.device)
-    step = 0
-    started = time.monotonic()
-    model.train()
-    while step < total_steps:
-        for batch in loader:
-            first, second = batch["first"], batch["second"]
-            with torch.no_grad():
-                if augment is not None:
-                    first, second = augment(first, generator), augment(second, generator)
-                mask = (
-                    span_mask(
-                        first.shape[0],
-                        first.shape[-1],
-                        generator,
-                        ratio_range=config.mask_ratio,
-                        span=config.mask_span_samples,
-                    )
-                    if use_mask
-                    else None
+
+    def compute_loss(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        first, second = batch["first"], batch["second"]
+        with torch.no_grad():
+            if augment is not None:
+                first, second = augment(first, generator), augment(second, generator)
+            mask = (
+                span_mask(
+                    first.shape[0],
+                    first.shape[-1],
+                    generator,
+                    ratio_range=config.mask_ratio,
+                    span=config.mask_span_samples,
                 )
-            groups = batch["groups"] if config.use_patient_ids else None
-            loss, logs = model(first, second, groups, mask)
-            accelerator.backward(loss)
-            if config.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            records_seen += batch["n_records"]
-            records_skipped += batch["n_skipped"]
-            for key, value in logs.items():
-                window.setdefault(key, []).append(value.float())
-            step += 1
-            progress.update(1)
-            if step % config.log_every == 0 or step == total_steps:
-                last_logs = _reduce_window(accelerator, window)
-                window = {}
-                first_logs = first_logs or last_logs
-                progress.set_postfix(loss=f"{last_logs['loss']:.4f}")
-                if accelerator.is_main_process:
-                    logger.info("step %d/%d %s", step, total_steps, _format(last_logs))
-            if step >= total_steps:
-                break
-    progress.close()
+                if use_mask
+                else None
+            )
+        groups = batch["groups"] if config.use_patient_ids else None
+        records_seen.add_(batch["n_records"])
+        records_skipped.add_(batch["n_skipped"])
+        return model(first, second, groups, mask)
+
+    trainer = Trainer(
+        model,
+        optimizer,
+        loader,
+        compute_loss,
+        TrainerArguments(
+            max_steps=config.max_steps,
+            epochs=config.epochs,
+            max_grad_norm=config.max_grad_norm if config.max_grad_norm > 0 else None,
+            log_every=config.log_every,
+            progress_desc="pretrain",
+        ),
+        accelerator=accelerator,
+        scheduler=lambda optimizer, total: torch.optim.lr_scheduler.LambdaLR(
+            optimizer, _warmup_cosine(int(config.warmup_fraction * total), total)
+        ),
+    )
+    if trainer.steps_per_epoch == 0:
+        raise ValueError(f"{config.data}: no full batch per process; lower batch_size or add records")
+    started = time.monotonic()
+    state = trainer.train()
+    history = [{k: round(v, 6) for k, v in logs.items() if k != "step"} for logs in state.log_history]
     seen = int(accelerator.reduce(records_seen, reduction="sum").item())
     skipped = int(accelerator.reduce(records_skipped, reduction="sum").item())
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         metrics = {
             "objective": config.objective,
-            "final": last_logs,
-            "first": first_logs or {},
-            "steps": step,
+            "final": history[-1] if history else {},
+            "first": history[0] if history else {},
+            "steps": state.global_step,
             "records_seen": seen,
             "records_skipped": skipped,
             "unique_records": len(records),
@@ -399,9 +388,8 @@ def pretrain(config: PretrainConfig) -> Path:
             "seconds": round(time.monotonic() - started, 1),
             "pretraining_config": config.to_dict(),
         }
-        unwrapped = accelerator.unwrap_model(model)
         save_inhouse_expert(
-            unwrapped.encoder,
+            trainer.unwrapped.encoder,  # type: ignore[arg-type]
             family=FAMILY,
             config=encoder_config,
             contract=contract,
@@ -415,23 +403,6 @@ def pretrain(config: PretrainConfig) -> Path:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out
-
-
-def _progress(total: int, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="pretrain", unit="step", disable=not enabled)
-
-
-def _reduce_window(accelerator: Any, window: dict[str, list[torch.Tensor]]) -> dict[str, float]:
-    """Mean of each logged value over the window's steps and over processes (every process must call this)."""
-    means = {key: torch.stack(values).mean() for key, values in sorted(window.items())}
-    reduced = accelerator.reduce(means, reduction="mean")
-    return {key: round(float(value), 6) for key, value in reduced.items()}
-
-
-def _format(logs: dict[str, float]) -> str:
-    return " ".join(f"{key}={value:.4f}" for key, value in logs.items())
 
 
 def _description(config: PretrainConfig, metrics: dict[str, Any]) -> str:

@@ -9,13 +9,15 @@ any other expert. An existing folder is reused as is (delete it to rebuild).
 
 The supervised loop is public and reused by standalone recipes (``enecg efficiency``, ``enecg transfer``):
 :class:`SupervisedRows` (one task's labelled rows of a part, contract applied), :func:`train_supervised` (AdamW
-steps on random batches, optional validation with the best weights restored), :func:`fit_light_model` (the same
+steps on random batches on the engine's :class:`~enecg.engine.Trainer`, optional validation with the best
+weights restored), :func:`fit_light_model` (the same
 by epochs with a :class:`SupervisedSettings` budget), :func:`predict_supervised` and :func:`validation_loss`, plus
 the recipe sections :class:`SupervisedDataSection` and :class:`LightInputSection`.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -29,6 +31,7 @@ import torch
 from enecg.contract import InputContract, apply_contract_records
 from enecg.data.rows import label_arrays, rows_to_records
 from enecg.data.schema import DatasetMeta, TaskInfo
+from enecg.engine.trainer import Trainer, TrainerArguments, iterate_forever
 from enecg.ensemble.config import TaskConfig
 from enecg.ensemble.tasks import Task, build_task, task_type
 from enecg.experts.families.light import LightCNNConfig, build_light_model
@@ -246,35 +249,49 @@ def train_supervised(
         raise ValueError(f"task {task.name!r} has no labelled training records")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     generator = np.random.default_rng(seed)
     mean, std = rows.regression_stats() if task_type(task.type).normalised_targets else (0.0, 1.0)
-    result = SupervisedResult(final_loss=float("nan"), steps=steps, target_mean=mean, target_std=std)
-    best_state: dict[str, torch.Tensor] | None = None
-    model.train()
-    for step in range(1, steps + 1):
+
+    def draw() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         chosen = generator.choice(rows.labelled, size=min(batch_size, len(rows)), replace=False)
-        windows, demographics, labels = rows.batch(np.sort(chosen))
-        loss = _loss(_forward(model, windows, demographics), labels, task, mean, std)
-        optimizer.zero_grad()
-        loss.backward()
-        if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-        optimizer.step()
-        result.final_loss = float(loss.detach())
-        if validation is not None and (step == steps or (eval_every and step % eval_every == 0)):
-            val_loss = validation_loss(model, validation, mean=mean, std=std, batch_size=max(batch_size, 64))
-            result.history.append(
-                {"step": step, "train_loss": result.final_loss, "validation_loss": val_loss}
+        return rows.batch(np.sort(chosen))
+
+    def compute_loss(
+        model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        windows, demographics, labels = batch
+        return _loss(_forward(model, windows, demographics), labels, task, mean, std), {}
+
+    trainer = Trainer(
+        model,
+        torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay),
+        iterate_forever(draw),
+        compute_loss,
+        TrainerArguments(
+            max_steps=steps,
+            max_grad_norm=max_grad_norm,
+            eval_every=eval_every or None,
+            metric_for_best="validation_loss" if validation is not None else None,
+        ),
+        evaluate=(
+            functools.partial(
+                _validation_metrics, rows=validation, mean=mean, std=std, batch_size=max(batch_size, 64)
             )
-            if result.best_validation_loss is None or val_loss < result.best_validation_loss:
-                result.best_validation_loss, result.best_step = val_loss, step
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            model.train()
-    if best_state is not None:
-        model.load_state_dict(best_state)
+            if validation is not None
+            else None
+        ),
+    )
+    state = trainer.train()
     model.eval()
-    return result
+    return SupervisedResult(
+        final_loss=float(trainer.last_loss) if trainer.last_loss is not None else float("nan"),
+        steps=steps,
+        best_step=state.best_step,
+        best_validation_loss=state.best_metric,
+        history=state.eval_history,
+        target_mean=mean,
+        target_std=std,
+    )
 
 
 @torch.no_grad()
@@ -292,6 +309,12 @@ def _outputs(
     finally:
         model.train(was_training)
     return torch.cat(logits), torch.cat(labels)
+
+
+def _validation_metrics(
+    model: torch.nn.Module, *, rows: SupervisedRows, mean: float, std: float, batch_size: int
+) -> dict[str, float]:
+    return {"validation_loss": validation_loss(model, rows, mean=mean, std=std, batch_size=batch_size)}
 
 
 def validation_loss(

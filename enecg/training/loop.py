@@ -21,9 +21,9 @@ gate on out-of-fold predictions. :func:`run_phase` runs one :class:`Phase`:
    reloads its best weights, so a strategy re-run after a crash replays its finished phases in seconds.
 5. At the end each group's best weights are loaded into the model.
 
-Callbacks (:class:`TrainerCallback`) see phase starts and ends, micro-batches (once fetched, and done), optimizer
-steps, epochs and checkpoints: the resume and multi-process tests and the benchmarks hook in there, not into
-private methods.
+Callbacks (:class:`TrainerCallback`, the engine's base class, re-exported here) see phase starts and ends,
+optimizer steps, epochs and checkpoints (written by :mod:`enecg.engine.checkpoint`): the resume and
+multi-process tests and the benchmarks hook in there, not into private methods.
 
 **Data wait.** Every training micro-batch is timed twice: how long the loop was blocked fetching it from the loader
 (reading records and applying contracts in the main process, or waiting for workers) and its whole time (that wait
@@ -41,7 +41,6 @@ import dataclasses
 import json
 import logging
 import math
-import re
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -58,6 +57,14 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from enecg.data.schema import TaskInfo
+from enecg.engine.callbacks import TrainerCallback  # re-exported: the hooks of every loop
+from enecg.engine.checkpoint import (
+    TRAINER_STATE_FILE,
+    checkpoint_name,
+    complete_checkpoints,
+    read_trainer_state,
+    write_checkpoint,
+)
 from enecg.ensemble.inference import evaluating
 from enecg.ensemble.model import Ensemble, EnsembleOutput, seed_rng
 from enecg.ensemble.tasks import evaluated_as, task_type
@@ -80,11 +87,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
-TRAINER_STATE_FILE = "trainer_state.json"
 TRAINABLE_WEIGHTS_FILE = "trainable_model.safetensors"
 BEST_DIR = "best"
 ENSEMBLE_GROUP = "ensemble"
-_CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)-step_(\d+)$")
 _BUFFER_PREFIX = "buffer::"
 LossFn = Callable[[Ensemble, EnsembleOutput, Mapping[str, Tensor]], tuple[Tensor, dict[str, Tensor]]]
 
@@ -180,16 +185,7 @@ class TrainerState:
     @classmethod
     def load(cls, path: Path) -> TrainerState:
         """Read a checkpoint's ``trainer_state.json``; errors name the file."""
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from None
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(
-                f"{path}: unknown trainer-state keys {unknown} (written by another enecg version?)"
-            )
+        data = read_trainer_state(path, cls)
         data["groups"] = {k: GroupState(**v) for k, v in (data.get("groups") or {}).items()}
         return cls(**data)
 
@@ -267,40 +263,6 @@ class PhaseResult:
             "resumed_from": self.resumed_from,
             "data_wait": self.data_wait.summary(),
         }
-
-
-# ------------------------------------------------------------------------------------------------ callbacks
-
-
-class TrainerCallback:
-    """Hooks into training (the shape of ``transformers.TrainerCallback``); every method does nothing by default.
-
-    ``loop`` is the running :class:`PhaseLoop` (``loop.phase``, ``loop.state``, ``loop.unwrapped``, ...)."""
-
-    def on_phase_begin(self, loop: PhaseLoop) -> None: ...
-
-    def on_phase_end(self, loop: PhaseLoop) -> None: ...
-
-    def on_epoch_begin(self, loop: PhaseLoop) -> None: ...
-
-    def on_epoch_end(self, loop: PhaseLoop) -> None:
-        """After training an epoch, before its validation."""
-
-    def on_evaluate(self, loop: PhaseLoop, logs: dict[str, Any]) -> None:
-        """After an epoch's validation and selection (``logs``: what goes to the trackers)."""
-
-    def on_micro_batch_begin(self, loop: PhaseLoop) -> None:
-        """Right after a training micro-batch was fetched, before its forward (``loop.last_data_wait``: seconds
-        spent waiting for it)."""
-
-    def on_micro_batch_end(self, loop: PhaseLoop) -> None:
-        """After every micro-batch (gradient accumulation: several per optimizer step)."""
-
-    def on_step_end(self, loop: PhaseLoop) -> None:
-        """After every optimizer step."""
-
-    def on_checkpoint(self, loop: PhaseLoop, path: Path) -> None:
-        """After a complete checkpoint was written (``path``)."""
 
 
 # ------------------------------------------------------------------------------------------- run context
@@ -795,23 +757,13 @@ class PhaseLoop:
     def checkpoint(self) -> None:
         accelerator, state = self.accelerator, self.state
         state.save_index += 1
-        checkpoints = self.phase_dir / CHECKPOINTS_DIR
-        name = f"checkpoint_{state.save_index:05d}-step_{state.global_step:07d}"
-        staging = checkpoints / f".tmp-{name}"
-        if accelerator.is_main_process and staging.exists():
-            shutil.rmtree(staging)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(staging))
-        accelerator.wait_for_everyone()
-        target = checkpoints / name
-        if accelerator.is_main_process:
-            write_text_atomic(staging / TRAINER_STATE_FILE, state.to_json())
-            if target.exists():  # only after a crash between two saves of the same index
-                shutil.rmtree(target)
-            staging.rename(target)  # complete checkpoints appear atomically
-            for old in _complete_checkpoints(checkpoints)[: -self.recipe.output.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
+        target = write_checkpoint(
+            accelerator,
+            self.phase_dir / CHECKPOINTS_DIR,
+            checkpoint_name(state.save_index, state.global_step),
+            state.to_json(),
+            keep=self.recipe.output.keep_checkpoints,
+        )
         for callback in self.ctx.callbacks:
             callback.on_checkpoint(self, target)
 
@@ -1082,18 +1034,6 @@ def _load_trainable_hook(accelerator: Accelerator) -> Callable[..., None]:
     return hook
 
 
-def _complete_checkpoints(folder: Path) -> list[Path]:
-    """Complete checkpoints (renamed from staging, with a trainer state), oldest first."""
-    if not folder.is_dir():
-        return []
-    found = []
-    for path in folder.iterdir():
-        match = _CHECKPOINT_RE.match(path.name)
-        if match and (path / TRAINER_STATE_FILE).is_file():
-            found.append((int(match.group(1)), path))
-    return [p for _, p in sorted(found)]
-
-
 def _resume_point(resume: str, checkpoints: Path, accelerator: Accelerator) -> Path | None:
     if accelerator.is_main_process and checkpoints.is_dir():
         for leftover in checkpoints.glob(".tmp-*"):  # staging folders of a killed run
@@ -1102,28 +1042,28 @@ def _resume_point(resume: str, checkpoints: Path, accelerator: Accelerator) -> P
     if resume == "never":
         if accelerator.is_main_process and (checkpoints.exists() or (checkpoints.parent / BEST_DIR).exists()):
             # A fresh start: old checkpoints would collide with the new ones and confuse a later `auto`.
-            if _complete_checkpoints(checkpoints):
+            if complete_checkpoints(checkpoints):
                 logger.warning("output.resume=never: removing the previous checkpoints in %s", checkpoints)
             shutil.rmtree(checkpoints, ignore_errors=True)
             shutil.rmtree(checkpoints.parent / BEST_DIR, ignore_errors=True)
         accelerator.wait_for_everyone()
         return None
     if resume == "auto":
-        complete = _complete_checkpoints(checkpoints)
+        complete = complete_checkpoints(checkpoints)
         return complete[-1] if complete else None
     path = Path(resume)
     if not (path / TRAINER_STATE_FILE).is_file():
         raise FileNotFoundError(f"{path}: not a complete enecg checkpoint (no {TRAINER_STATE_FILE})")
     if path.resolve().parent != checkpoints.resolve():
         # A checkpoint of another phase of the strategy: this phase resumes from its own newest one.
-        complete = _complete_checkpoints(checkpoints)
+        complete = complete_checkpoints(checkpoints)
         return complete[-1] if complete else None
     return path
 
 
 def latest_checkpoint(phase_dir: str | Path) -> Path | None:
     """The most recent complete checkpoint of a run (or phase) folder (what ``output.resume: auto`` resumes)."""
-    complete = _complete_checkpoints(Path(phase_dir) / CHECKPOINTS_DIR)
+    complete = complete_checkpoints(Path(phase_dir) / CHECKPOINTS_DIR)
     return complete[-1] if complete else None
 
 
