@@ -53,6 +53,19 @@ class GenerativeConfig:
     condition_hidden: int = field(default=64, metadata={"help": "Hidden width of the condition MLP."})
     train_timesteps: int = field(default=1000, metadata={"help": "DDPM noise levels."})
     sample_steps: int = field(default=50, metadata={"help": "DDIM steps when sampling (saved as default)."})
+    prediction_type: str = field(
+        default="epsilon", metadata={"help": "Network target: epsilon (noise) or v_prediction (velocity)."}
+    )
+    beta_schedule: str = field(
+        default="linear", metadata={"help": "Noise schedule: linear or squaredcos_cap_v2 (cosine)."}
+    )
+    ema_decay: float = field(
+        default=0.0,
+        metadata={
+            "help": "Save an exponential moving average of the weights with at most this decay (0: the raw "
+            "weights). Warmed up (diffusers EMAModel, power 3/4), so short runs average over fewer steps."
+        },
+    )
     condition_dropout: float = field(
         default=0.1,
         metadata={"help": "Fraction of examples trained unconditioned (classifier-free guidance)."},
@@ -81,6 +94,8 @@ class GenerativeConfig:
             raise ValueError(f"mixed_precision {self.mixed_precision!r}: one of {MIXED_PRECISION}")
         if self.max_steps < 1 or self.batch_size < 1 or self.length < 8:
             raise ValueError("max_steps and batch_size must be >= 1 and length >= 8")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay {self.ema_decay}: must be in [0, 1)")
         if not 0.0 <= self.condition_dropout < 1.0:
             raise ValueError(f"condition_dropout {self.condition_dropout}: must be in [0, 1)")
 
@@ -158,6 +173,8 @@ def load_training_arrays(config: GenerativeConfig) -> tuple[TrainingArrays, Diff
         condition_hidden=config.condition_hidden,
         train_timesteps=config.train_timesteps,
         sample_steps=config.sample_steps,
+        prediction_type=config.prediction_type,
+        beta_schedule=config.beta_schedule,
         source=f"{meta.source} ({Path(config.data).name}, parts {list(config.parts)})",
     )
     contract = spec.contract()
@@ -210,6 +227,7 @@ def train_diffusion(config: GenerativeConfig) -> Path:
     )
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     core: ECGDiffusion = accelerator.unwrap_model(model)
+    ema = _moving_average(core, config.ema_decay)
     drop_generator = torch.Generator().manual_seed(config.seed + 1)
     curve: list[dict[str, float]] = []
     window: list[float] = []
@@ -226,6 +244,8 @@ def train_diffusion(config: GenerativeConfig) -> Path:
             accelerator.backward(loss)
             optimizer.step()
             optimizer.zero_grad()
+            if ema is not None:
+                ema.step(core.parameters())
             step += 1
             window.append(float(accelerator.gather(loss.detach()[None]).mean()))
             if step % config.log_every == 0 or step == config.max_steps:
@@ -248,6 +268,18 @@ def train_diffusion(config: GenerativeConfig) -> Path:
         "generative_config": config.to_dict(),
     }
     accelerator.wait_for_everyone()
+    if ema is not None:  # the averaged weights are the model that is saved (and sampled)
+        ema.copy_to(core.parameters())
     if accelerator.is_main_process:
         save_diffusion(core.eval(), out, metrics)
     return out
+
+
+def _moving_average(model: ECGDiffusion, decay: float) -> Any:
+    """diffusers' EMA of ``model``'s weights (None when ``decay`` is 0). The warm-up (decay ``1 - (1 + step)^-3/4``
+    up to ``decay``) keeps the average from being dominated by the random initial weights in short runs."""
+    if decay <= 0:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(model.parameters(), decay=decay, use_ema_warmup=True, power=0.75)
