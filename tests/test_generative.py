@@ -378,7 +378,10 @@ def test_cli_evaluate_writes_frechet_heart_rate_and_tstr(
         result["spectra_mean_abs_log10_difference"]
     ) == 12
     assert (out / "summary.png").is_file() and (out / "sample_HYP_0.png").is_file()
-    assert result["augmentation"]["HYP"]["n_synthetic"] == 8
+    assert {"real_test", "synthetic", "method"} == set(result["qrs_width_ms"])
+    assert "qrs_width_wasserstein_ms" in summary
+    hyp = result["augmentation"]["HYP"]
+    assert hyp["n_synthetic"] == 8 and hyp["delta_ci"][0] <= hyp["delta"] <= hyp["delta_ci"][1]
     card = (model / "README.md").read_text()
     assert "frechet_ratio" in card  # the local model's card now reports its evaluation
 
@@ -439,3 +442,124 @@ def test_recipe_synthetic_records_are_pooled_into_training_only(
         materialize_synthetic(
             _augmented_recipe(ptbxl_training_dataset, str(trained), tmp_path / "r2", {"XYZ": 1})
         )
+
+
+# ---------------------------------------------------------------------- QRS width, augmentation gain, model options
+
+
+def _beats(qrs_ms: float, fs: float = 100.0, seconds: float = 10.0) -> np.ndarray:
+    """A 3-lead trace of beats at 72 bpm whose Q, R and S components spread over about ``qrs_ms``."""
+    t = np.arange(int(seconds * fs)) / fs
+    sd = qrs_ms / 1000 / 6
+    signal = np.zeros_like(t)
+    for centre in np.arange(0.5, seconds, 60 / 72):
+        signal += 1.2 * np.exp(-0.5 * ((t - centre) / sd) ** 2)
+        signal -= 0.25 * np.exp(-0.5 * ((t - centre + 1.5 * sd) / sd) ** 2)
+        signal -= 0.3 * np.exp(-0.5 * ((t - centre - 1.5 * sd) / sd) ** 2)
+        signal += 0.3 * np.exp(-0.5 * ((t - centre - 0.3) / 0.04) ** 2)  # T wave
+        signal += 0.1 * np.exp(-0.5 * ((t - centre + 0.16) / 0.02) ** 2)  # P wave
+    return np.stack([signal, 0.5 * signal, -0.3 * signal])
+
+
+def test_qrs_width_grows_with_the_true_width_and_is_nan_without_beats() -> None:
+    from enecg.generative.evaluate import heart_rates, qrs_widths, r_peaks
+
+    signals = np.stack([_beats(80), _beats(140), _beats(180)])
+    peaks = r_peaks(signals, 100.0, 0)
+    assert [len(p) for p in peaks] == [12, 12, 12]
+    np.testing.assert_allclose(heart_rates(signals, 100.0, 0, peaks), 72.0, atol=3.0)
+    widths = qrs_widths(signals, 100.0, 0, peaks)
+    assert widths[0] < widths[1] < widths[2]
+    assert 50 <= widths[0] <= 120  # a narrow complex reads narrow
+    np.testing.assert_array_equal(widths, qrs_widths(signals, 100.0, 0))  # peaks detected inside: the same
+    assert np.isnan(qrs_widths(np.zeros((1, 3, 1000)), 100.0, 0)).all()
+
+
+def test_augmentation_gain_is_paired_pooled_and_its_ci_excludes_zero_only_for_a_real_gain() -> None:
+    from enecg.evaluation.metrics import BootstrapConfig
+    from enecg.generative.evaluate import augmentation_gain
+
+    rng = np.random.default_rng(0)
+
+    def fold(n: int, offset: int) -> dict[str, object]:
+        y = (np.arange(n) % 4 == 0).astype(float)
+        y[1] = np.nan  # an unlabelled record is ignored
+        return {
+            "y": y,
+            "real": rng.random(n),  # chance
+            "augmented": np.nan_to_num(y) + 0.8 * rng.random(n),  # much better
+            "patients": [f"p{offset + i // 2}" for i in range(n)],  # two records per patient
+        }
+
+    folds = [fold(80, 0), fold(60, 100)]
+    boot = BootstrapConfig(n_resamples=200)
+    gain = augmentation_gain(folds, boot)
+    assert gain["evaluations"] == 2 and gain["records"] == 138 and gain["positives"] == 35
+    assert gain["gain"] == pytest.approx(np.mean(gain["per_evaluation"]))
+    assert gain["gain"] > 0.2 and gain["ci"][0] > 0 and gain["excludes_zero"]
+    same = [dict(f, augmented=f["real"]) for f in folds]  # no change: gain 0, every resample 0
+    flat = augmentation_gain(same, boot)
+    assert flat["gain"] == 0.0 and flat["ci"] == [0.0, 0.0] and not flat["excludes_zero"]
+    with pytest.raises(ValueError, match="differ in length"):
+        augmentation_gain([dict(folds[0], patients=["p"])], boot)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_clean_estimate_inverts_the_training_target(prediction_type: str) -> None:
+    from diffusers import DDPMScheduler
+
+    from enecg.generative.model import PREDICTION_TARGETS
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    clean, noise = torch.randn(4, 2, 16), torch.randn(4, 2, 16)
+    t = torch.tensor([0, 250, 600, 999])
+    noisy = scheduler.add_noise(clean, noise, t)
+    rule = PREDICTION_TARGETS[prediction_type]
+    a = scheduler.alphas_cumprod[t][:, None, None]
+    estimate = rule.clean_estimate(noisy, rule.target(scheduler, clean, noise, t), a)
+    torch.testing.assert_close(estimate[:3], clean[:3], atol=1e-4, rtol=1e-4)
+
+
+def test_v_prediction_cosine_ema_model_trains_saves_and_samples_identically(
+    ptbxl_training_dataset: Path, tmp_path: Path
+) -> None:
+    from accelerate.state import AcceleratorState
+
+    from enecg.generative import DiffusionSpec
+
+    AcceleratorState._reset_state(True)
+    changes = {"prediction_type": "v_prediction", "beta_schedule": "squaredcos_cap_v2", "max_steps": 12}
+    averaged = train_diffusion(
+        tiny_config(ptbxl_training_dataset, tmp_path / "ema", ema_decay=0.99, **changes)
+    )
+    AcceleratorState._reset_state(True)
+    raw = train_diffusion(tiny_config(ptbxl_training_dataset, tmp_path / "raw", **changes))
+    config = json.loads((averaged / "config.json").read_text())
+    assert config["prediction_type"] == "v_prediction" and config["beta_schedule"] == "squaredcos_cap_v2"
+    model, raw_model = load_diffusion(averaged), load_diffusion(raw)
+    # Same seed, same batches: only the averaging differs, so the saved weights do.
+    assert any(
+        not torch.equal(a, b) for a, b in zip(model.state_dict().values(), raw_model.state_dict().values())
+    )
+    first = model.sample(["HYP"], 2, seed=3, steps=3)
+    assert np.isfinite(first).all() and first.shape == (2, 12, 256)
+    np.testing.assert_array_equal(first, load_diffusion(averaged).sample(["HYP"], 2, seed=3, steps=3))
+    with pytest.raises(ValueError, match="prediction_type"):
+        DiffusionSpec.from_dict({**config, "prediction_type": "sample"})
+    with pytest.raises(ValueError, match="ema_decay"):
+        tiny_config(ptbxl_training_dataset, tmp_path / "x", ema_decay=1.0)
+
+
+def test_contrast_anomaly_score_is_the_normal_minus_the_unconditioned_error(
+    trained: Path, ptbxl_dir: Path
+) -> None:
+    from enecg import read_record
+    from enecg.generative.anomaly import score_anomaly
+
+    model = load_diffusion(trained)
+    records = [read_record(ptbxl_dir / "records100" / "00000" / f"0000{i}_lr") for i in (1, 2, 3)]
+    normal = score_anomaly(model, records, noise_levels=(0.05, 0.2))
+    unconditioned = score_anomaly(model, records, normal_label=None, noise_levels=(0.05, 0.2))
+    contrast = score_anomaly(model, records, noise_levels=(0.05, 0.2), contrast=True)
+    np.testing.assert_allclose(contrast, normal - unconditioned, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(normal, unconditioned)  # the condition matters

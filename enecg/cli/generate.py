@@ -4,7 +4,7 @@ Usage::
 
     enecg generate train RECIPE.yaml [--KEY=VALUE ...]       # train + save a Hub-ready model
     enecg generate sample MODEL --label HYP --n 200 --out DIR # WFDB records + labels.csv (marked synthetic)
-    enecg generate evaluate MODEL --data DATASET --expert EXPERT --out DIR   # Frechet distance, HR, TSTR/TRTR
+    enecg generate evaluate MODEL --data DATASET --expert EXPERT --out DIR   # Frechet, HR, QRS width, TSTR
 
 MODEL is a folder written by ``generate train`` or a Hub ID. Samples are read back with
 ``enecg data prepare wfdb DIR --labels DIR/labels.csv --out DATASET``; they always land in the training part.
@@ -55,7 +55,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sample.add_argument("--sex", type=float, choices=(0.0, 1.0), help="Condition on sex: 0 male, 1 female.")
     sample.set_defaults(func=_sample)
 
-    evaluate = commands.add_parser("evaluate", help="Frechet distance, heart rate, TSTR vs TRTR: JSON + PNG.")
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="Frechet distance, heart rate, QRS width, TSTR vs TRTR, augmentation gain: JSON + PNG.",
+    )
     evaluate.add_argument("model", help="Model folder or Hub ID.")
     evaluate.add_argument("--data", required=True, help="Prepared dataset with the model's task.")
     evaluate.add_argument("--expert", required=True, help="Frozen expert (folder or Hub ID) for embeddings.")
@@ -76,6 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--augment-n", type=int, default=50, help="Synthetic records per --augment label.")
     evaluate.add_argument("--seed", type=int, default=0, help="Sampling seed.")
     evaluate.add_argument("--steps", type=int, help="DDIM steps (default: the model's).")
+    evaluate.add_argument("--guidance", type=float, default=1.0, help="Classifier-free guidance scale.")
     evaluate.set_defaults(func=_evaluate)
 
 
@@ -138,6 +142,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         augment_n=args.augment_n,
         seed=args.seed,
         steps=args.steps,
+        guidance_scale=args.guidance,
     )
     result = evaluate_samples(config)
     print(json.dumps(result["summary"], indent=2))

@@ -4,6 +4,9 @@
 score) and measures the error of the model's one-step estimate of the clean signal. A model that learned
 what typical ECGs look like reconstructs them better than unusual ones. By default the prediction is conditioned
 on the model's normal label (``NORM`` when its task has one): "how well does this record pass for a normal ECG".
+With ``contrast=True`` the score is that error *minus* the unconditioned one at the same noise: how much worse
+the record is explained as normal than as any ECG, which discounts records that are simply hard to denoise
+(noisy, high amplitude) whatever their label.
 
 :func:`evaluate_anomaly` evaluates the score as a binary task on a real part of a dataset: abnormal = labelled
 and not normal (rows without labels are left out), AUROC with a patient-level bootstrap interval.
@@ -35,12 +38,14 @@ def score_anomaly(
     *,
     normal_label: str | None = NORMAL_LABEL,
     noise_levels: tuple[float, ...] = (0.1, 0.2, 0.3),
+    contrast: bool = False,
     batch_size: int = 32,
     seed: int = 0,
 ) -> np.ndarray:
     """One score per record (higher = more anomalous): mean denoising error over ``noise_levels``.
 
-    ``normal_label``: condition the prediction on this label when the model knows it (else unconditioned)."""
+    ``normal_label``: condition the prediction on this label when the model knows it (else unconditioned).
+    ``contrast``: subtract the unconditioned error (same noise draws) from the conditioned one."""
     labels = None
     if normal_label is not None and normal_label in model.spec.label_names:
         labels = model.label_vector([normal_label])
@@ -48,9 +53,10 @@ def score_anomaly(
     for start in range(0, len(records), batch_size):
         clean = model.prepare(list(records[start : start + batch_size]))
         condition = None if labels is None else labels[None].expand(clean.shape[0], -1)
-        scores.append(
-            model.denoising_error(clean, noise_levels=noise_levels, labels=condition, seed=seed).numpy()
-        )
+        score = model.denoising_error(clean, noise_levels=noise_levels, labels=condition, seed=seed)
+        if contrast:
+            score = score - model.denoising_error(clean, noise_levels=noise_levels, labels=None, seed=seed)
+        scores.append(score.numpy())
     return np.concatenate(scores) if scores else np.zeros(0)
 
 
@@ -63,6 +69,8 @@ def evaluate_anomaly(
     normal_label: str = NORMAL_LABEL,
     bootstrap: BootstrapConfig | None = None,
     max_records: int | None = None,
+    noise_levels: tuple[float, ...] = (0.1, 0.2, 0.3),
+    contrast: bool = False,
 ) -> dict[str, Any]:
     """AUROC of :func:`score_anomaly` for abnormal (labelled, not ``normal_label``) vs normal on ``part``."""
     parts, meta = load_dataset_dir(dataset_dir)
@@ -78,7 +86,13 @@ def evaluate_anomaly(
     rows = [r for r, k in zip(rows, keep) if k]
     abnormal = (labels[keep, info.names.index(normal_label)] < 0.5).astype(float)
     with torch.no_grad():
-        scores = score_anomaly(model, [row_to_record(r) for r in rows], normal_label=normal_label)
+        scores = score_anomaly(
+            model,
+            [row_to_record(r) for r in rows],
+            normal_label=normal_label,
+            noise_levels=noise_levels,
+            contrast=contrast,
+        )
     patients = [str(r["patient_id"]) for r in rows]
     interval = bootstrap_ci(
         lambda idx: auroc(abnormal[idx], scores[idx]), len(rows), patients, bootstrap or BootstrapConfig()
@@ -88,6 +102,8 @@ def evaluate_anomaly(
         "records": len(rows),
         "abnormal": int(abnormal.sum()),
         "normal_label": normal_label,
+        "noise_levels": list(noise_levels),
+        "contrast": contrast,
         "auroc": auroc(abnormal, scores),
         "auroc_ci": list(interval),
         "mean_score_normal": float(scores[abnormal == 0].mean()) if (abnormal == 0).any() else None,

@@ -8,7 +8,10 @@ one network gives both conditional and unconditional noise predictions: sampling
 guidance, and the anomaly score can use either.
 
 Noise is added with a :class:`diffusers.DDPMScheduler` (training) and removed with a
-:class:`diffusers.DDIMScheduler` (sampling, few steps). Signals are in mV divided by ``signal_scale`` (a global
+:class:`diffusers.DDIMScheduler` (sampling, few steps). Both take the spec's noise schedule (``beta_schedule``:
+diffusers' ``linear`` or ``squaredcos_cap_v2``, the cosine schedule) and what the network predicts
+(``prediction_type``: the noise, ``epsilon``, or the velocity ``v_prediction`` of Salimans & Ho); the
+:data:`PREDICTION_TARGETS` table holds, per prediction type, the training target and the clean-signal estimate. Signals are in mV divided by ``signal_scale`` (a global
 amplitude, measured on the training part), so the model keeps lead amplitudes relative to each other.
 
 A saved model is a Hub-ready folder: ``model.safetensors``, ``config.json`` (:class:`DiffusionSpec`),
@@ -21,6 +24,7 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +46,33 @@ CARD_FILE = "README.md"
 METRICS_FILE = "metrics.json"
 # Marks a config.json as ours (a Hub repo of another kind fails with one line, not a KeyError later).
 MODEL_TYPE = "enecg-ecg-diffusion"
+# Noise schedules of diffusers' DDPM/DDIM schedulers that the model accepts (cosine: less signal destroyed at
+# low noise levels, the usual choice for small models and short training).
+BETA_SCHEDULES = ("linear", "squaredcos_cap_v2")
+
+
+@dataclass(frozen=True)
+class PredictionTarget:
+    """What the network is trained to predict, and how a clean signal is read back from that prediction.
+
+    ``target(scheduler, clean, noise, t)`` is the training target; ``clean_estimate(noisy, prediction, a)`` the
+    one-step estimate of the clean signal, ``a`` being the cumulative alpha of each record's timestep."""
+
+    target: Callable[[DDPMScheduler, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    clean_estimate: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# Keyed by diffusers' ``prediction_type`` names (the schedulers take the same key when sampling).
+PREDICTION_TARGETS: dict[str, PredictionTarget] = {
+    "epsilon": PredictionTarget(
+        target=lambda scheduler, clean, noise, t: noise,
+        clean_estimate=lambda noisy, eps, a: (noisy - (1 - a).sqrt() * eps) / a.sqrt(),
+    ),
+    "v_prediction": PredictionTarget(
+        target=lambda scheduler, clean, noise, t: scheduler.get_velocity(clean, noise, t),
+        clean_estimate=lambda noisy, v, a: a.sqrt() * noisy - (1 - a).sqrt() * v,
+    ),
+}
 
 
 @dataclass
@@ -64,6 +95,14 @@ class DiffusionSpec:
     signal_scale: float = field(
         default=1.0, metadata={"help": "mV per model unit (std of training signals)."}
     )
+    prediction_type: str = field(
+        default="epsilon",
+        metadata={"help": "What the network predicts: epsilon (the noise) or v_prediction (the velocity)."},
+    )
+    beta_schedule: str = field(
+        default="linear",
+        metadata={"help": "diffusers noise schedule: linear or squaredcos_cap_v2 (cosine)."},
+    )
     clip_range: float = field(
         default=5.0,
         metadata={"help": "DDIM clips each clean-signal estimate to +-this (model units; 0: no clipping)."},
@@ -80,6 +119,10 @@ class DiffusionSpec:
             raise ValueError(
                 f"length {self.length} must be divisible by 2**{len(channels) - 1} (UNet levels)"
             )
+        if self.prediction_type not in PREDICTION_TARGETS:
+            raise ValueError(f"prediction_type {self.prediction_type!r}: one of {sorted(PREDICTION_TARGETS)}")
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise ValueError(f"beta_schedule {self.beta_schedule!r}: one of {list(BETA_SCHEDULES)}")
         if self.task_type not in ("multilabel", "multiclass"):
             raise ValueError(
                 f"task {self.task!r} is {self.task_type}; a generative model needs labels "
@@ -138,7 +181,12 @@ class ECGDiffusion(nn.Module):
         )
         self._condition_embedding: torch.Tensor | None = None
         self.unet.time_mlp.register_forward_hook(self._add_condition)
-        self.train_scheduler = DDPMScheduler(num_train_timesteps=spec.train_timesteps, clip_sample=False)
+        self.train_scheduler = DDPMScheduler(
+            num_train_timesteps=spec.train_timesteps,
+            beta_schedule=spec.beta_schedule,
+            prediction_type=spec.prediction_type,
+            clip_sample=False,
+        )
 
     # ------------------------------------------------------------------ condition
     def condition(
@@ -187,13 +235,14 @@ class ECGDiffusion(nn.Module):
         return output + self._condition_embedding.to(output.dtype)
 
     def loss(self, clean: torch.Tensor, condition: torch.Tensor, generator: torch.Generator | None = None):
-        """DDPM epsilon-prediction loss of a batch of clean (scaled) signals."""
+        """DDPM loss of a batch of clean (scaled) signals: MSE to the spec's prediction target."""
         noise = torch.randn(clean.shape, generator=generator, device=clean.device)
         t = torch.randint(
             0, self.spec.train_timesteps, (clean.shape[0],), generator=generator, device=clean.device
         )
         noisy = self.train_scheduler.add_noise(clean, noise, t)
-        return nn.functional.mse_loss(self(noisy, t, condition), noise)
+        target = PREDICTION_TARGETS[self.spec.prediction_type].target(self.train_scheduler, clean, noise, t)
+        return nn.functional.mse_loss(self(noisy, t, condition), target)
 
     # ------------------------------------------------------------------ sampling
     def label_vector(self, labels: list[str] | tuple[str, ...]) -> torch.Tensor:
@@ -256,6 +305,8 @@ class ECGDiffusion(nn.Module):
         # an undertrained model's sampling from diverging and never touches a plausible ECG.
         scheduler = DDIMScheduler(
             num_train_timesteps=self.spec.train_timesteps,
+            beta_schedule=self.spec.beta_schedule,
+            prediction_type=self.spec.prediction_type,
             clip_sample=self.spec.clip_range > 0,
             clip_sample_range=self.spec.clip_range or 1.0,
         )
@@ -320,9 +371,10 @@ class ECGDiffusion(nn.Module):
             # One noise draw shared by every record: a record's error does not depend on its batch or position.
             noise = torch.randn((1, *clean.shape[1:]), generator=generator).to(device).expand_as(clean)
             noisy = self.train_scheduler.add_noise(clean, noise, t)
-            eps = self(noisy, t, cond)
             a = alphas[t][:, None, None]
-            estimate = (noisy - (1 - a).sqrt() * eps) / a.sqrt()
+            estimate = PREDICTION_TARGETS[self.spec.prediction_type].clean_estimate(
+                noisy, self(noisy, t, cond), a
+            )
             errors.append(((estimate - clean) ** 2).mean(dim=(1, 2)))
         return torch.stack(errors).mean(dim=0).cpu()
 

@@ -55,6 +55,19 @@ class GenerativeConfig:
     condition_hidden: int = field(default=64, metadata={"help": "Hidden width of the condition MLP."})
     train_timesteps: int = field(default=1000, metadata={"help": "DDPM noise levels."})
     sample_steps: int = field(default=50, metadata={"help": "DDIM steps when sampling (saved as default)."})
+    prediction_type: str = field(
+        default="epsilon", metadata={"help": "Network target: epsilon (noise) or v_prediction (velocity)."}
+    )
+    beta_schedule: str = field(
+        default="linear", metadata={"help": "Noise schedule: linear or squaredcos_cap_v2 (cosine)."}
+    )
+    ema_decay: float = field(
+        default=0.0,
+        metadata={
+            "help": "Save an exponential moving average of the weights with at most this decay (0: the raw "
+            "weights). Warmed up (diffusers EMAModel, power 3/4), so short runs average over fewer steps."
+        },
+    )
     condition_dropout: float = field(
         default=0.1,
         metadata={"help": "Fraction of examples trained unconditioned (classifier-free guidance)."},
@@ -83,6 +96,8 @@ class GenerativeConfig:
             raise ValueError(f"mixed_precision {self.mixed_precision!r}: one of {MIXED_PRECISION}")
         if self.max_steps < 1 or self.batch_size < 1 or self.length < 8:
             raise ValueError("max_steps and batch_size must be >= 1 and length >= 8")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay {self.ema_decay}: must be in [0, 1)")
         if not 0.0 <= self.condition_dropout < 1.0:
             raise ValueError(f"condition_dropout {self.condition_dropout}: must be in [0, 1)")
 
@@ -160,6 +175,8 @@ def load_training_arrays(config: GenerativeConfig) -> tuple[TrainingArrays, Diff
         condition_hidden=config.condition_hidden,
         train_timesteps=config.train_timesteps,
         sample_steps=config.sample_steps,
+        prediction_type=config.prediction_type,
+        beta_schedule=config.beta_schedule,
         source=f"{meta.source} ({Path(config.data).name}, parts {list(config.parts)})",
     )
     contract = spec.contract()
@@ -225,6 +242,7 @@ def train_diffusion(config: GenerativeConfig) -> Path:
             return core.loss(signals, condition), {}
 
     curve = LossCurve(config.log_every, config.max_steps)
+    average = MovingAverage(config.ema_decay)
     trainer = Trainer(
         model,
         optimizer,
@@ -232,11 +250,12 @@ def train_diffusion(config: GenerativeConfig) -> Path:
         compute_loss,
         TrainerArguments(max_steps=config.max_steps),
         accelerator=accelerator,
-        callbacks=[curve],
+        callbacks=[average, curve],
     )
     started = time.time()
     step = trainer.train().global_step
     core: ECGDiffusion = trainer.unwrapped  # type: ignore[assignment]
+    ema = average.ema
     metrics = {
         "steps": step,
         "records": len(dataset),
@@ -251,6 +270,8 @@ def train_diffusion(config: GenerativeConfig) -> Path:
         "generative_config": config.to_dict(),
     }
     accelerator.wait_for_everyone()
+    if ema is not None:  # the averaged weights are the model that is saved (and sampled)
+        ema.copy_to(core.parameters())
     if accelerator.is_main_process:
         save_diffusion(core.eval(), out, metrics)
     return out
@@ -272,3 +293,29 @@ class LossCurve(TrainerCallback):
             self.points.append({"step": step, "loss": float(np.mean(self._window))})
             logger.info("step %d loss %.4f", step, self.points[-1]["loss"])
             self._window = []
+
+
+class MovingAverage(TrainerCallback):
+    """An exponential moving average of the weights, updated after every optimizer step (``ema`` stays None when
+    ``decay`` is 0); the averaged weights are the model that is saved and sampled."""
+
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
+        self.ema: Any = None
+
+    def on_train_begin(self, loop: Any) -> None:
+        self.ema = _moving_average(loop.unwrapped, self.decay)
+
+    def on_step_end(self, loop: Any) -> None:
+        if self.ema is not None:
+            self.ema.step(loop.unwrapped.parameters())
+
+
+def _moving_average(model: ECGDiffusion, decay: float) -> Any:
+    """diffusers' EMA of ``model``'s weights (None when ``decay`` is 0). The warm-up (decay ``1 - (1 + step)^-3/4``
+    up to ``decay``) keeps the average from being dominated by the random initial weights in short runs."""
+    if decay <= 0:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(model.parameters(), decay=decay, use_ema_warmup=True, power=0.75)
