@@ -56,6 +56,8 @@ import numpy as np
 import torch
 from bench_experts import TINY_HUBERT, TINY_NET1D, default_parity_dir
 
+from enecg.engine.callbacks import TrainerCallback
+
 # Default-off progress bars (dataset preparation); tqdm reads this when first imported. The trainer's own bar sets
 # `disable` explicitly and still shows on stderr.
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -289,7 +291,7 @@ def _base_recipe(dataset_dir: Path, out_dir: Path, **sections: Any) -> dict[str,
 # 1. Feature cache vs recomputing the experts
 
 
-class EpochTimer:
+class EpochTimer(TrainerCallback):
     """Trainer callback timing each epoch's training loop and its end (validation, selection, checkpoint)."""
 
     def __init__(self) -> None:

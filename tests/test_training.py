@@ -289,4 +289,4 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     err = capsys.readouterr().err.strip()
     assert err.startswith("enecg: error:") and "optim.lrr" in err and "\n" not in err
     assert cli_main(["train", str(tmp_path / "missing.yaml")]) == 2
-    assert "recipe file not found" in capsys.readouterr().err
+    assert "missing.yaml: file not found" in capsys.readouterr().err
