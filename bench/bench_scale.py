@@ -162,6 +162,40 @@ def _embed_report(stdout: str) -> dict[str, Any]:
     return {}
 
 
+CEILING = """
+import time, torch
+torch.set_num_threads(1)
+torch.manual_seed(0)
+x, w = torch.randn(256, 1024), torch.randn(1024, 1024)
+start = time.perf_counter()
+for _ in range(300):
+    x @ w
+print(time.perf_counter() - start)
+"""
+
+
+def machine_ceiling(repeats: int = 3) -> dict[str, Any]:
+    """What this machine gives a perfectly parallel job, measured beside the expert runs: one process doing a
+    fixed fp32 matmul load alone, then two processes each doing the same load at once. The ratio
+    (two-process wall time) / (2 x one-process time) is the best 2-process / 1-process ratio any embedding
+    could reach here at that moment: 0.5 on two idle cores, higher when other work shares them."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def one_process() -> float:
+        done = subprocess.run([sys.executable, "-c", CEILING], env=env, capture_output=True, text=True, check=True)
+        return float(done.stdout.strip())
+
+    ratios = []
+    for _ in range(repeats):
+        alone = one_process()
+        procs = [subprocess.Popen([sys.executable, "-c", CEILING], env=env, stdout=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+        together = max(float(p.communicate()[0].strip()) for p in procs)
+        ratios.append(together / (2 * alone))
+    return {"ratio_2proc_over_1proc": sorted(ratios)[len(ratios) // 2], "repeats": ratios,
+            "load_average": os.getloadavg(), "workload": "300 fp32 matmuls 256x1024 @ 1024x1024, 1 thread"}
+
+
 def launch_two(module_args: list[str]) -> dict[str, Any]:
     """``accelerate launch`` on 2 gloo processes (1 thread each): wall time of the whole launch."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(REPO),
@@ -230,6 +264,38 @@ def train_recipe(dataset: Path, expert: Path, cache: Path, out: Path) -> Path:
     return path
 
 
+def epoch_timing(run: Path, records: int) -> dict[str, Any]:
+    """The training epoch's own time, from the run's ``summary.json``: the summed step time of its training
+    micro-batches (loader wait included), without start-up, evaluation or the report; per corpus record."""
+    summary = json.loads((run / "summary.json").read_text())
+    wait = summary.get("data_wait") or {}
+    steps = wait.get("step_seconds")
+    out: dict[str, Any] = {"epoch_step_seconds": steps, "data_wait_share": wait.get("data_wait_share")}
+    if steps is not None:
+        out["epoch_ms_per_train_record"] = 1000.0 * steps / records
+    return out
+
+
+def marginal_costs(sizes_block: dict[str, Any], sizes: list[int], baseline: int) -> dict[str, Any]:
+    """Per-record cost with the fixed start-up taken out: (t(n) - t(baseline)) / (n - baseline) for each size, and
+    each figure divided by the one at the smallest size (the "flat within +-20 %" target reads these ratios)."""
+    out: dict[str, Any] = {}
+    for step in ("prepare", "embed_light", "train_cached"):
+        base = sizes_block[str(baseline)][step]
+        field = "embed_seconds" if step == "embed_light" else "seconds"
+        ms = {
+            str(n): 1000.0 * (sizes_block[str(n)][step][field] - base[field]) / (n - baseline)
+            for n in sizes if n > baseline and sizes_block[str(n)][step].get(field) is not None
+        }
+        first = ms[str(min(sizes))] if str(min(sizes)) in ms else None
+        out[step] = {"ms_per_record": ms, "vs_smallest": {k: v / first for k, v in ms.items()} if first else {}}
+    epoch = {str(n): sizes_block[str(n)]["train_cached"].get("epoch_ms_per_train_record") for n in sizes}
+    if all(v is not None for v in epoch.values()):
+        first = epoch[str(min(sizes))]
+        out["train_epoch_in_process"] = {"ms_per_record": epoch, "vs_smallest": {k: v / first for k, v in epoch.items()}}
+    return out
+
+
 def per_record(entry: dict[str, Any], n: int) -> dict[str, Any]:
     return {**entry, "records": n, "ms_per_record": 1000.0 * entry["seconds"] / max(n, 1)}
 
@@ -241,6 +307,8 @@ def main() -> None:
     parser.add_argument("--fm-records", type=int, default=32, help="Records per part for the FM embed step.")
     parser.add_argument("--scaling-size", type=int, default=2000, help="Corpus size of the process-scaling runs.")
     parser.add_argument("--quick", action="store_true", help="Tiny sizes: checks the pipeline only.")
+    parser.add_argument("--scaling-only", action="store_true",
+                        help="Only the process-scaling runs (and the machine's own ceiling); merged into --out.")
     parser.add_argument("--work-dir", help="Scratch folder (default: a temporary one, removed).")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "scale.json"))
     args = parser.parse_args()
@@ -266,7 +334,7 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average": os.getloadavg()},
         "sizes": {},
     }
-    for n in [args.baseline, *sizes]:
+    for n in [] if args.scaling_only else [args.baseline, *sizes]:
         corpus = make_corpus(source, n, work / f"corpus-{n}")
         dataset = work / f"dataset-{n}"
         cache = work / f"cache-{n}"
@@ -284,6 +352,7 @@ def main() -> None:
             3 * fm_n)
         recipe = train_recipe(dataset, experts["light"], cache, work / f"run-{n}")
         steps["train_cached"] = per_record(measure("enecg.cli", ["train", str(recipe)]), n)
+        steps["train_cached"].update(epoch_timing(work / f"run-{n}", n))
         results["sizes"][str(n)] = steps
         print(n, {k: (round(v["seconds"], 1), round(v["peak_rss_mb"]), round(v["peak_anon_mb"])) for k, v in steps.items()}, flush=True)
 
@@ -315,7 +384,14 @@ def main() -> None:
             "interpreter start, imports, accelerate launch and the gloo rendezvous",
         }
         print("scaling", label, {k: round(v["embed_seconds"], 1) for k, v in runs.items()}, flush=True)
-    results["scaling"] = {"size": n, **scaling}
+    results["scaling"] = {"size": n, "machine_ceiling": machine_ceiling(), **scaling}
+    if args.scaling_only:
+        # Keep the size sweep of the last full run; replace only the scaling block.
+        previous = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
+        merged = {**previous, "scaling": results["scaling"], "scaling_machine": results["machine"]}
+        write_text_atomic(Path(args.out), json.dumps(merged, indent=2) + "\n")
+        print(f"wrote {args.out} (scaling only)")
+        return
 
     base = results["sizes"][str(args.baseline)]
     largest = results["sizes"][str(max(sizes))]
@@ -339,6 +415,7 @@ def main() -> None:
             }
             for step in ("prepare", "embed_light", "train_cached")
         },
+        "marginal_ms_per_record": marginal_costs(results["sizes"], sizes, args.baseline),
     }
     write_text_atomic(Path(args.out), json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
