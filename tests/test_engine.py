@@ -1,5 +1,6 @@
-"""The generic training engine (:mod:`enecg.engine`): a toy model trains, callbacks fire in order, early stopping
-restores the best state, and a run resumed from a checkpoint ends exactly where an uninterrupted one does."""
+"""The training engine (:mod:`enecg.engine`): a toy model trains, callbacks fire in order, early stopping restores
+the best state, epoch evaluation and a selection policy plug in, and a run resumed from a checkpoint ends exactly
+where an uninterrupted one does."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
-from enecg.engine import Trainer, TrainerArguments, TrainerCallback
+from enecg.engine import Selection, Trainer, TrainerArguments, TrainerCallback
 from enecg.engine.checkpoint import complete_checkpoints
 from enecg.training.loop import TrainerCallback as LoopTrainerCallback
 
@@ -192,6 +193,64 @@ def test_early_stopping_restores_the_best_state() -> None:
     assert not all(torch.equal(final[k], weights[8][k]) for k in final)
 
 
+def test_epoch_evaluation_with_a_starting_candidate_and_a_selection_policy(
+    tmp_path: Path, fresh_accelerate_state: None
+) -> None:
+    from accelerate import Accelerator
+
+    class Lowest(Selection):
+        """Keeps the step of the lowest val_loss and stops after the 3rd evaluation (the ensemble's phases plug in
+        their per-group selection the same way)."""
+
+        def __init__(self) -> None:
+            self.seen: list[int] = []
+            self.finished = False
+
+        def update(self, trainer: Any, metrics: Any, logs: dict[str, Any]) -> None:
+            self.seen.append(trainer.state.global_step)
+            logs["policy"] = len(self.seen)
+
+        def finish(self, trainer: Any) -> None:
+            self.finished = True
+
+    recorder, policy = Recorder(), Lowest()
+    _, trainer = _trainer(
+        TrainerArguments(
+            max_steps=10,
+            eval_strategy="epoch",
+            eval_on_start=True,
+            checkpoint_every=3,
+            output_dir=str(tmp_path),
+            keep_checkpoints=10,
+        ),
+        accelerator=Accelerator(cpu=True),
+        evaluate=_val_loss,
+        callbacks=[recorder],
+        selection=policy,
+    )
+    state = trainer.train()
+    # 4 steps an epoch: evaluations at the start and after each epoch, also the one max_steps cut short.
+    assert policy.seen == [0, 4, 8, 10] and policy.finished
+    assert state.epoch == 3 and [e["policy"] for e in state.eval_history] == [1, 2, 3, 4]
+    # Step checkpoints, except an epoch's last step (checkpointed after the epoch's evaluation) and the run's.
+    assert [e for e in recorder.events if e.startswith(("checkpoint", "evaluate", "epoch_end"))] == [
+        "evaluate:0",
+        "checkpoint:3",
+        "epoch_end:1",
+        "evaluate:4",
+        "checkpoint:4",
+        "checkpoint:6",
+        "epoch_end:2",
+        "evaluate:8",
+        "checkpoint:8",
+        "checkpoint:9",
+        "epoch_end:3",
+        "evaluate:10",
+        "checkpoint:10",
+    ]
+    assert trainer.data_wait.steps == state.micro_step == 10
+
+
 class Stop(Exception):
     pass
 
@@ -251,6 +310,8 @@ def test_bad_arguments_are_one_line_errors() -> None:
         TrainerArguments(early_stopping_patience=2)
     with pytest.raises(ValueError, match="checkpoint_every needs output_dir"):
         TrainerArguments(checkpoint_every=2)
+    with pytest.raises(ValueError, match="eval_strategy must be 'steps' or 'epoch'"):
+        TrainerArguments(eval_strategy="never")
     model = _model()
     with pytest.raises(ValueError, match="needs max_steps"):
         Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), iter([]), _loss, TrainerArguments())

@@ -1,9 +1,9 @@
 """The hooks of every enecg training loop: :class:`TrainerCallback` (the shape of ``transformers.TrainerCallback``).
 
 One base class serves the engine's :class:`~enecg.engine.trainer.Trainer` (pretraining, light experts, the
-diffusion model) and the ensemble's phase loop (:class:`enecg.training.loop.PhaseLoop`, which re-exports it). A
-hook receives the running loop; both loops expose ``loop.state`` (``epoch``, ``global_step``, ``micro_step``),
-``loop.accelerator`` and ``loop.model``. Every method does nothing by default, so a callback overrides only what
+diffusion model) and the ensemble's phases (:class:`enecg.training.loop.PhaseLoop`, a Trainer; its module
+re-exports this class). A hook receives the running loop: ``loop.state`` (``epoch``, ``global_step``,
+``micro_step``), ``loop.accelerator`` and ``loop.model``. Every method does nothing by default, so a callback overrides only what
 it needs (the resume tests stop a run from ``on_micro_batch_end``; the benchmarks time epochs).
 """
 
@@ -34,11 +34,11 @@ class TrainerCallback:
         """Before the first batch of a pass over the training data."""
 
     def on_epoch_end(self, loop: Any) -> None:
-        """After training an epoch (before the phase loop's validation)."""
+        """After training an epoch (before its evaluation with ``eval_strategy: epoch``, e.g. a phase's validation)."""
 
     def on_micro_batch_begin(self, loop: Any) -> None:
-        """Right after a training micro-batch was fetched, before its forward (the phase loop sets
-        ``loop.last_data_wait``: seconds spent waiting for it)."""
+        """Right after a training micro-batch was fetched, before its forward (``loop.last_data_wait``: seconds
+        spent waiting for it)."""
 
     def on_micro_batch_end(self, loop: Any) -> None:
         """After every micro-batch (gradient accumulation: several per optimizer step)."""

@@ -1,5 +1,6 @@
 """One training *phase* of an ensemble run: an optimizer over chosen parameters, a loss, model selection on
-validation, checkpoints and exact resume (Accelerate).
+validation, checkpoints and exact resume, run on the engine's one loop (:class:`PhaseLoop` is an
+:class:`enecg.engine.Trainer`).
 
 A training strategy (:mod:`enecg.training.strategies`) is a sequence of phases. ``joint`` is one phase that
 trains everything on the gated mixture's loss; ``staged`` trains every expert's heads on its own loss, then the
@@ -21,18 +22,22 @@ gate on out-of-fold predictions. :func:`run_phase` runs one :class:`Phase`:
    reloads its best weights, so a strategy re-run after a crash replays its finished phases in seconds.
 5. At the end each group's best weights are loaded into the model.
 
-Callbacks (:class:`TrainerCallback`, the engine's base class, re-exported here) see phase starts and ends,
-optimizer steps, epochs and checkpoints (written by :mod:`enecg.engine.checkpoint`): the resume and
-multi-process tests and the benchmarks hook in there, not into private methods.
+The epochs, steps, accumulation, checkpoints and resume are the engine's (``eval_strategy: epoch``,
+``eval_on_start`` for ``Phase.select_initial``); the phase plugs in its selection policy
+(:class:`GroupSelection`: per-group scores, best weights, early stopping) and the engine's hooks (dropout seeds,
+per-group clipping, the running training means, its tracker logs and validation). Callbacks
+(:class:`TrainerCallback`, the engine's base class, re-exported here) see phase starts and ends (the engine's
+``on_train_begin``/``on_train_end`` become ``on_phase_begin``/``on_phase_end``), optimizer steps, epochs and
+checkpoints: the resume and multi-process tests and the benchmarks hook in there, not into private methods.
 
 **Data wait.** Every training micro-batch is timed twice: how long the loop was blocked fetching it from the loader
 (reading records and applying contracts in the main process, or waiting for workers) and its whole time (that wait
 plus forward, backward and optimizer step; validation and checkpoints are not steps). The trackers get
 ``time/data_wait_share`` (and the seconds) of the steps since their previous log, and :class:`PhaseResult` the
-phase's totals over every process (:class:`DataWait`): the share of a step an accelerator would idle waiting
-for data. A resumed phase counts only the steps it ran itself. Accelerate's loader fetches one batch ahead, so
-the first step of an epoch waits for two batches and the last for none: sums over steps are exact, single steps
-are not.
+phase's totals over every process (the engine's :class:`DataWait`, timed by its loop): the share of a step an
+accelerator would idle waiting for data. A resumed phase counts only the steps it ran itself. Accelerate's loader
+fetches one batch ahead, so the first step of an epoch waits for two batches and the last for none: sums over
+steps are exact, single steps are not.
 """
 
 from __future__ import annotations
@@ -42,7 +47,6 @@ import json
 import logging
 import math
 import shutil
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,11 +64,11 @@ from enecg.data.schema import TaskInfo
 from enecg.engine.callbacks import TrainerCallback  # re-exported: the hooks of every loop
 from enecg.engine.checkpoint import (
     TRAINER_STATE_FILE,
-    checkpoint_name,
     complete_checkpoints,
     read_trainer_state,
-    write_checkpoint,
 )
+from enecg.engine.selection import Selection
+from enecg.engine.trainer import DataWait, Trainer, TrainerArguments
 from enecg.ensemble.inference import evaluating
 from enecg.ensemble.model import Ensemble, EnsembleOutput, seed_rng
 from enecg.ensemble.tasks import evaluated_as, task_type
@@ -176,6 +180,11 @@ class TrainerState:
     def stopped_early(self) -> bool:
         return bool(self.groups) and all(g.stopped for g in self.groups.values())
 
+    @property
+    def eval_history(self) -> list[dict[str, Any]]:
+        """The engine's name of :attr:`history` (one entry per epoch's evaluation)."""
+        return self.history
+
     def group(self, name: str) -> GroupState:
         return self.groups.setdefault(name, GroupState())
 
@@ -188,44 +197,6 @@ class TrainerState:
         data = read_trainer_state(path, cls)
         data["groups"] = {k: GroupState(**v) for k, v in (data.get("groups") or {}).items()}
         return cls(**data)
-
-
-@dataclass
-class DataWait:
-    """Seconds training micro-batches spent blocked on the loader (``wait``) out of their whole time (``total``),
-    and how many micro-batches (``steps``)."""
-
-    wait: float = 0.0
-    total: float = 0.0
-    steps: int = 0
-
-    def add(self, wait: float, total: float) -> None:
-        self.wait += wait
-        self.total += total
-        self.steps += 1
-
-    def __sub__(self, earlier: DataWait) -> DataWait:
-        return DataWait(self.wait - earlier.wait, self.total - earlier.total, self.steps - earlier.steps)
-
-    def __add__(self, other: DataWait) -> DataWait:
-        return DataWait(self.wait + other.wait, self.total + other.total, self.steps + other.steps)
-
-    @property
-    def share(self) -> float | None:
-        """``wait / total`` (None before any step)."""
-        return self.wait / self.total if self.total > 0 else None
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "data_wait_seconds": self.wait,
-            "step_seconds": self.total,
-            "micro_batches": self.steps,
-            "data_wait_share": self.share,
-        }
-
-    @classmethod
-    def from_summary(cls, summary: Mapping[str, Any]) -> DataWait:
-        return cls(summary["data_wait_seconds"], summary["step_seconds"], summary["micro_batches"])
 
 
 @dataclass
@@ -401,64 +372,18 @@ def _run_phase(ctx: RunContext, phase: Phase, phase_dir: Path, names: list[str])
         weight_decay=optim.weight_decay,
         foreach=True,  # one fused update over the many small head tensors (the default only on GPU)
     )
-    model, optimizer, train_loader = accelerator.prepare(ensemble, optimizer, train_loader)
-    val_loader = eval_loader(ctx, "validation") if "validation" in ctx.collates else None
-    epochs = phase.epochs if phase.epochs is not None else optim.epochs
-    steps_per_epoch = math.ceil(len(train_loader) / optim.gradient_accumulation_steps)
-    total_steps = steps_per_epoch * epochs
-    if optim.max_steps is not None:
-        total_steps = min(total_steps, optim.max_steps)
-    warmup = phase.warmup_steps if phase.warmup_steps is not None else optim.warmup_steps
-    # Accelerate steps a prepared scheduler once per process per optimizer step (see AcceleratedScheduler).
-    scheduler = accelerator.prepare(
-        get_scheduler(
-            optim.lr_scheduler,
-            optimizer,
-            num_warmup_steps=warmup * accelerator.num_processes,
-            num_training_steps=total_steps * accelerator.num_processes,
-        )
-    )
-    unwrapped: Ensemble = accelerator.unwrap_model(model)
+    loop = PhaseLoop(ctx, phase, phase_dir, group_names, optimizer, train_loader, sampler)
     hooks = [
         accelerator.register_save_state_pre_hook(_save_trainable_hook(accelerator)),
         accelerator.register_load_state_pre_hook(_load_trainable_hook(accelerator)),
     ]
-    checkpoints = phase_dir / CHECKPOINTS_DIR
-    state = TrainerState()
-    resumed_from = _resume_point(recipe.output.resume, checkpoints, accelerator)
-    if resumed_from is not None:
-        accelerator.load_state(str(resumed_from))
-        state = TrainerState.load(resumed_from / TRAINER_STATE_FILE)
-        logger.info("resumed from %s (epoch %d, step %d)", resumed_from, state.epoch, state.global_step)
-    for group in phase.groups:
-        state.group(group.name)
-    loop = PhaseLoop(
-        ctx,
-        phase,
-        phase_dir,
-        model,
-        unwrapped,
-        optimizer,
-        scheduler,
-        train_loader,
-        sampler,
-        val_loader,
-        state,
-        total_steps,
-        epochs,
-        group_names,
-    )
-    loop.apply_stopped_groups()
+    resumed_from = _resume_point(recipe.output.resume, phase_dir / CHECKPOINTS_DIR, accelerator)
     try:
-        for callback in ctx.callbacks:
-            callback.on_phase_begin(loop)
-        loop.run()
-        loop.load_best()
-        for callback in ctx.callbacks:
-            callback.on_phase_end(loop)
+        loop.train(resume_from=resumed_from)
     finally:
         for handle in hooks:
             handle.remove()
+    state = loop.state
     data_wait = _sum_over_processes(accelerator, loop.data_wait)
     accelerator.wait_for_everyone()
     accelerator.free_memory()  # forget this phase's wrapped model/optimizer/loaders before the next phase
@@ -473,38 +398,187 @@ def _run_phase(ctx: RunContext, phase: Phase, phase_dir: Path, names: list[str])
     )
 
 
-class PhaseLoop:
-    """The epoch/step loop of one phase (state in :class:`TrainerState`)."""
+class GroupSelection(Selection):
+    """The phase's selection policy: each :class:`SelectionGroup` selected on its own validation score (written
+    by the phase's evaluation as ``<phase>/val/[<group>/]selection``), its best weights written to
+    ``<phase>/best/`` when it improves, its own early stopping (a stopped group's learning rate becomes 0)."""
+
+    def update(self, trainer: Any, metrics: Mapping[str, Any], logs: dict[str, Any]) -> None:
+        loop: PhaseLoop = trainer
+        if loop.val_loader is None:
+            return
+        state, improved = loop.state, []
+        for group in loop.phase.groups:
+            g = state.group(group.name)
+            if g.stopped:
+                continue
+            metric = logs[loop.selection_key(group)]
+            if metric is not None and (g.best_metric is None or metric > g.best_metric):
+                g.best_metric, g.best_epoch, g.bad_epochs = metric, state.epoch, 0
+                improved.append(group.name)
+            else:
+                g.bad_epochs += 1
+                patience = loop.recipe.optim.early_stopping_patience
+                if patience is not None and g.bad_epochs >= patience:
+                    g.stopped = True
+                    logger.info(
+                        "%s: early stopping %s after epoch %d (best epoch %s)",
+                        loop.phase.name or "train",
+                        group.name,
+                        state.epoch,
+                        g.best_epoch,
+                    )
+        for name in improved:
+            loop.save_best(name)
+        loop.apply_stopped_groups()
+
+    def load(self, trainer: Any, folder: Path) -> None:
+        trainer.start_groups()  # a resumed phase: its stopped groups stay at learning rate 0
+
+    def finish(self, trainer: Any) -> None:
+        trainer.load_best()
+
+
+class PhaseLoop(Trainer):
+    """One phase on the engine's loop (:class:`enecg.engine.Trainer`); state in :class:`TrainerState`.
+
+    The phase configures the engine: epoch evaluation (validation, per-group selection by
+    :class:`GroupSelection`, a checkpoint after it), the starting weights as a candidate with
+    ``Phase.select_initial``, and its hooks: dropout seeded per micro-batch, per-group clipping, the running
+    training means and the tracker logs of the phase."""
+
+    state_class = TrainerState
+    state: TrainerState
 
     def __init__(
         self,
         ctx: RunContext,
         phase: Phase,
         phase_dir: Path,
-        model: nn.Module,
-        unwrapped: Ensemble,
-        optimizer: Any,
-        scheduler: Any,
+        group_names: dict[str, list[str]],
+        optimizer: torch.optim.Optimizer,
         train_loader: DataLoader,
         sampler: EpochShuffleSampler,
-        val_loader: DataLoader | None,
-        state: TrainerState,
-        total_steps: int,
-        epochs: int,
-        group_names: dict[str, list[str]],
     ) -> None:
         self.ctx, self.phase, self.phase_dir = ctx, phase, phase_dir
-        self.recipe, self.run_plan, self.accelerator = ctx.recipe, ctx.run, ctx.accelerator
-        self.model, self.unwrapped, self.optimizer, self.scheduler = model, unwrapped, optimizer, scheduler
-        self.train_loader, self.sampler, self.val_loader = train_loader, sampler, val_loader
-        self.state, self.total_steps, self.epochs = state, total_steps, epochs
-        params = dict(unwrapped.named_parameters())
-        self.group_params = {g: [params[n] for n in ns] for g, ns in group_names.items()}
-        self.group_names = group_names
+        self.recipe, self.run_plan = ctx.recipe, ctx.run
         self.task_infos = ctx.task_infos
-        self.data_wait = DataWait()  # this process's training micro-batches
-        self.last_data_wait = 0.0  # seconds the current micro-batch waited for the loader
+        self.group_names, self.sampler = group_names, sampler
+        optim, output = ctx.recipe.optim, ctx.recipe.output
+        self.epochs = phase.epochs if phase.epochs is not None else optim.epochs
+        args = TrainerArguments(
+            max_steps=optim.max_steps,
+            epochs=self.epochs,
+            gradient_accumulation_steps=optim.gradient_accumulation_steps,
+            max_grad_norm=optim.max_grad_norm,
+            eval_strategy="epoch",
+            eval_on_start=phase.select_initial,
+            checkpoint_every=output.checkpoint_every_steps,
+            output_dir=str(phase_dir / CHECKPOINTS_DIR),
+            keep_checkpoints=output.keep_checkpoints,
+            progress_desc=(phase.title or f"train {ctx.run.name}").strip(),
+        )
+        super().__init__(
+            ctx.ensemble,
+            optimizer,
+            train_loader,
+            self._compute_loss,
+            args,
+            accelerator=ctx.accelerator,
+            scheduler=self._scheduler,
+            evaluate=self._validate,
+            callbacks=ctx.callbacks,
+            selection=GroupSelection(),
+        )
+        self.total_steps = self.max_steps
+        self.val_loader = eval_loader(ctx, "validation") if "validation" in ctx.collates else None
+        params = dict(self.unwrapped.named_parameters())
+        self.group_params = {g: [params[n] for n in ns] for g, ns in group_names.items()}
         self._logged_wait = DataWait()  # data_wait at the previous tracker log
+        self._last: tuple[EnsembleOutput, dict[str, Tensor], int] | None = None  # output, parts, size
+        self.start_groups()
+
+    # ------------------------------------------------------------------ the engine's hooks
+
+    def _total_steps(self) -> int:
+        """The phase's epochs, cut at ``optim.max_steps``."""
+        total = self.epochs * (self.steps_per_epoch or 0)
+        max_steps = self.recipe.optim.max_steps
+        return min(total, max_steps) if max_steps is not None else total
+
+    def _scheduler(self, optimizer: Any, total_steps: int) -> Any:
+        optim, accelerator = self.recipe.optim, self.ctx.accelerator
+        warmup = self.phase.warmup_steps if self.phase.warmup_steps is not None else optim.warmup_steps
+        # Accelerate steps a prepared scheduler once per process per optimizer step (see AcceleratedScheduler).
+        return accelerator.prepare(
+            get_scheduler(
+                optim.lr_scheduler,
+                optimizer,
+                num_warmup_steps=warmup * accelerator.num_processes,
+                num_training_steps=total_steps * accelerator.num_processes,
+            )
+        )
+
+    def _call(self, event: str, *args: Any) -> None:
+        # A phase is one training run of an ensemble run: its callbacks see phase starts and ends.
+        super()._call({"on_train_begin": "on_phase_begin", "on_train_end": "on_phase_end"}.get(event, event), *args)
+
+    def _epoch_data(self) -> Any:
+        data = super()._epoch_data()
+        self.sampler.set_epoch(self.state.epoch)  # (also when the loader iterated is a skipping one)
+        return data
+
+    def _compute_loss(self, model: nn.Module, batch: Mapping[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        accelerator = self.ctx.accelerator
+        seed_rng(step_seed(self.run_plan.seed, accelerator.process_index, self.state.micro_step), accelerator.device)
+        output = self.forward(model, batch)
+        loss, parts = self.phase.loss(self.unwrapped, output, batch["labels"])
+        self._last = (output, parts, len(batch["index"]))
+        return loss, {}
+
+    def _clip(self) -> None:
+        max_norm = self.recipe.optim.max_grad_norm
+        if max_norm is None:
+            return
+        accelerator = self.ctx.accelerator
+        if len(self.group_params) == 1:
+            accelerator.clip_grad_norm_(next(iter(self.group_params.values())), max_norm)
+            return
+        # Per group: one group's gradient norm never scales another's (each expert trains as if alone).
+        accelerator.unscale_gradients()
+        for params in self.group_params.values():
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def _record_micro_batch(self, loss: Tensor, logs: Mapping[str, Tensor]) -> None:
+        # Reads the loss back (float()), so on a GPU the step's kernels are done before its time is taken.
+        assert self._last is not None
+        output, parts, size = self._last
+        self._accumulate_logs(loss, parts, output, size)
+
+    def _log_step(self, bar: tqdm, last: bool) -> None:
+        state = self.state
+        if state.global_step % self.recipe.tracking.log_every_steps != 0:
+            return
+        assert self.last_loss is not None and self._last is not None
+        parts = self._last[1]
+        logs = {
+            f"{self._prefix}train/step_loss": float(self.last_loss),
+            f"{self._prefix}train/lr": self.scheduler.get_last_lr()[0],
+        }
+        logs |= {f"{self._prefix}train/step_{k}": float(v) for k, v in parts.items()}
+        logs |= self._data_wait_logs()
+        self.ctx.accelerator.log(logs, step=self.ctx.logged_steps + state.global_step)
+
+    def _evaluation_logs(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        return dict(metrics)  # the validation's logs are the phase's own (see _validate)
+
+    def _log_evaluation(self, metrics: Mapping[str, Any], logs: Mapping[str, Any]) -> None:
+        self.ctx.accelerator.log(
+            {k: v for k, v in logs.items() if isinstance(v, (int, float))},
+            step=self.ctx.logged_steps + self.state.global_step,
+        )
+
+    # ------------------------------------------------------------------ the phase
 
     @property
     def from_embeddings(self) -> bool:
@@ -513,105 +587,11 @@ class PhaseLoop:
     def forward(self, model: nn.Module, batch: Mapping[str, Any]) -> EnsembleOutput:
         return forward_batch(model, batch, from_embeddings=self.ctx.from_embeddings, use_gate=self.phase.use_gate)
 
-    def run(self) -> None:
-        state, accelerator = self.state, self.accelerator
-        bar = tqdm(
-            total=self.total_steps,
-            initial=state.global_step,
-            desc=(self.phase.title or f"train {self.run_plan.name}").strip(),
-            disable=not accelerator.is_local_main_process,
-            dynamic_ncols=True,
-            mininterval=5.0,
-        )
-        try:
-            if self.phase.select_initial and state.epoch == 0 and state.batches_done == 0 and not state.history:
-                self._end_of_epoch()  # epoch 0: the starting weights as a candidate
-            # Re-evaluated on resume, so a finished phase resumed with more epochs or steps continues.
-            while not state.stopped_early and state.epoch < self.epochs and not self._reached_max_steps():
-                for callback in self.ctx.callbacks:
-                    callback.on_epoch_begin(self)
-                self._train_epoch(bar)
-                # An epoch cut short by max_steps still ends with validation and a checkpoint.
-                state.epoch += 1
-                state.batches_done = 0
-                for callback in self.ctx.callbacks:
-                    callback.on_epoch_end(self)
-                self._end_of_epoch()
-                self.checkpoint()
-        finally:
-            bar.close()
-
-    def _reached_max_steps(self) -> bool:
-        max_steps = self.recipe.optim.max_steps
-        return max_steps is not None and self.state.global_step >= max_steps
-
-    def _clip(self) -> None:
-        max_norm = self.recipe.optim.max_grad_norm
-        if max_norm is None:
-            return
-        if len(self.group_params) == 1:
-            self.accelerator.clip_grad_norm_(next(iter(self.group_params.values())), max_norm)
-            return
-        # Per group: one group's gradient norm never scales another's (each expert trains as if alone).
-        self.accelerator.unscale_gradients()
-        for params in self.group_params.values():
-            torch.nn.utils.clip_grad_norm_(params, max_norm)
-
-    def _train_epoch(self, bar: tqdm) -> None:
-        state, accelerator = self.state, self.accelerator
-        loader = (
-            accelerator.skip_first_batches(self.train_loader, state.batches_done)
-            if state.batches_done
-            else self.train_loader
-        )
-        # On the loader actually iterated: Accelerate re-applies its own pass counter to the sampler when an
-        # iteration starts, and the loader skip_first_batches returns counts from 0.
-        loader.set_epoch(state.epoch)
-        self.sampler.set_epoch(state.epoch)
-        self.model.train()
-        every = self.recipe.output.checkpoint_every_steps
-        fetching = time.perf_counter()
-        for batch in loader:
-            self.last_data_wait = time.perf_counter() - fetching
-            for callback in self.ctx.callbacks:
-                callback.on_micro_batch_begin(self)
-            seed_rng(step_seed(self.run_plan.seed, accelerator.process_index, state.micro_step), accelerator.device)
-            with accelerator.accumulate(self.model):
-                output = self.forward(self.model, batch)
-                loss, parts = self.phase.loss(self.unwrapped, output, batch["labels"])
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    self._clip()
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad()
-            state.micro_step += 1
-            state.batches_done += 1
-            # _accumulate_logs reads the loss back (float()), so on a GPU the step's kernels are done here.
-            self._accumulate_logs(loss, parts, output, len(batch["index"]))
-            self.data_wait.add(self.last_data_wait, time.perf_counter() - fetching)
-            for callback in self.ctx.callbacks:
-                callback.on_micro_batch_end(self)
-            if accelerator.sync_gradients:
-                state.global_step += 1
-                bar.update(1)
-                if state.global_step % self.recipe.tracking.log_every_steps == 0:
-                    logs = {
-                        f"{self._prefix}train/step_loss": float(loss.detach()),
-                        f"{self._prefix}train/lr": self.scheduler.get_last_lr()[0],
-                    }
-                    logs |= {f"{self._prefix}train/step_{k}": float(v) for k, v in parts.items()}
-                    logs |= self._data_wait_logs()
-                    accelerator.log(logs, step=self.ctx.logged_steps + state.global_step)
-                for callback in self.ctx.callbacks:
-                    callback.on_step_end(self)
-                if self._reached_max_steps():
-                    return
-                # (the epoch's last step is checkpointed after validation, at the epoch's end)
-                end_of_epoch = accelerator.gradient_state.end_of_dataloader
-                if every is not None and state.global_step % every == 0 and not end_of_epoch:
-                    self.checkpoint()
-            fetching = time.perf_counter()
+    def start_groups(self) -> None:
+        """Every group in the state (a fresh or resumed phase); a stopped group's learning rate is 0."""
+        for group in self.phase.groups:
+            self.state.group(group.name)
+        self.apply_stopped_groups()
 
     def _data_wait_logs(self) -> dict[str, float]:
         """This process's data-wait share and seconds over the steps since the previous tracker log."""
@@ -628,6 +608,10 @@ class PhaseLoop:
     @property
     def _prefix(self) -> str:
         return f"{self.phase.name}/" if self.phase.name else ""
+
+    def selection_key(self, group: SelectionGroup) -> str:
+        """The log key of a group's selection value (higher is better; None when undefined)."""
+        return f"{self._prefix}val/{group.name + '/' if group.expert else ''}selection"
 
     def _accumulate_logs(self, loss: Tensor, parts: Mapping[str, Tensor], output: Any, size: int) -> None:
         running = self.state.running
@@ -648,8 +632,10 @@ class PhaseLoop:
             running[key] = running.get(key, 0.0) + (value * size if finite else 0.0)
             running[f"n::{key}"] = running.get(f"n::{key}", 0.0) + (size if finite else 0)
 
-    def _end_of_epoch(self) -> None:
-        state, accelerator = self.state, self.accelerator
+    def _validate(self, model: nn.Module) -> dict[str, Any]:
+        """The epoch's logs: training means, validation metrics and each running group's selection value (the
+        engine's evaluation; :class:`GroupSelection` then selects on it)."""
+        state, accelerator = self.state, self.ctx.accelerator
         logs: dict[str, Any] = {"epoch": state.epoch, "global_step": state.global_step}
         # Per-process running means, averaged over processes.
         for key in sorted(k for k in state.running if not k.startswith("n::")):
@@ -659,44 +645,18 @@ class PhaseLoop:
             )
         state.running = {}
         if self.val_loader is not None:
-            evaluation = evaluate_loader(self.ctx, self.val_loader, model=self.model, use_gate=self.phase.use_gate)
-            improved = []
+            evaluation = evaluate_loader(self.ctx, self.val_loader, model=model, use_gate=self.phase.use_gate)
             for group in self.phase.groups:
-                g = state.group(group.name)
-                if g.stopped:
+                if state.group(group.name).stopped:
                     continue
                 headline = self._group_headline(evaluation, group)
                 logs |= {f"{self._prefix}val/{_group_key(group)}{k}": v for k, v in _group_logs(headline, group)}
                 metric = selection_value(_group_metric(self.recipe.optim.selection_metric, group), headline)
-                logs[f"{self._prefix}val/{group.name + '/' if group.expert else ''}selection"] = metric
-                if metric is not None and (g.best_metric is None or metric > g.best_metric):
-                    g.best_metric, g.best_epoch, g.bad_epochs = metric, state.epoch, 0
-                    improved.append(group.name)
-                else:
-                    g.bad_epochs += 1
-                    patience = self.recipe.optim.early_stopping_patience
-                    if patience is not None and g.bad_epochs >= patience:
-                        g.stopped = True
-                        logger.info(
-                            "%s: early stopping %s after epoch %d (best epoch %s)",
-                            self.phase.name or "train",
-                            group.name,
-                            state.epoch,
-                            g.best_epoch,
-                        )
+                logs[self.selection_key(group)] = metric
             if self.phase.use_gate:
                 for expert, weight in evaluation["gate"].items():
                     logs[f"{self._prefix}val/gate_weight/{expert}"] = weight
-            for name in improved:
-                self._save_best(name)
-            self.apply_stopped_groups()
-        state.history.append(logs)
-        accelerator.log(
-            {k: v for k, v in logs.items() if isinstance(v, (int, float))},
-            step=self.ctx.logged_steps + state.global_step,
-        )
-        for callback in self.ctx.callbacks:
-            callback.on_evaluate(self, logs)
+        return logs
 
     def _group_headline(self, evaluation: Mapping[str, Any], group: SelectionGroup) -> dict[str, float]:
         if group.expert is None:
@@ -727,8 +687,10 @@ class PhaseLoop:
             return self.phase_dir / BEST_DIR / TRAINABLE_WEIGHTS_FILE
         return self.phase_dir / BEST_DIR / group / TRAINABLE_WEIGHTS_FILE
 
-    def _save_best(self, group: str) -> None:
-        if self.accelerator.is_main_process:
+    def save_best(self, group: str) -> None:
+        """Write a group's weights (it just improved) and its ``best.json`` (main process; every process calls)."""
+        accelerator = self.ctx.accelerator
+        if accelerator.is_main_process:
             path = self._best_path(group)
             names = self.group_names[group]
             _write_trainable(self.unwrapped, path, names=None if len(self.phase.groups) == 1 else names)
@@ -745,7 +707,7 @@ class PhaseLoop:
                     indent=2,
                 ),
             )
-        self.accelerator.wait_for_everyone()
+        accelerator.wait_for_everyone()
 
     def load_best(self) -> None:
         """Load every group's best weights (groups that never improved keep their current weights)."""
@@ -753,19 +715,6 @@ class PhaseLoop:
             path = self._best_path(group.name)
             if self.state.group(group.name).best_epoch is not None and path.is_file():
                 _read_trainable(self.unwrapped, path, partial=len(self.phase.groups) > 1)
-
-    def checkpoint(self) -> None:
-        accelerator, state = self.accelerator, self.state
-        state.save_index += 1
-        target = write_checkpoint(
-            accelerator,
-            self.phase_dir / CHECKPOINTS_DIR,
-            checkpoint_name(state.save_index, state.global_step),
-            state.to_json(),
-            keep=self.recipe.output.keep_checkpoints,
-        )
-        for callback in self.ctx.callbacks:
-            callback.on_checkpoint(self, target)
 
 
 def _group_key(group: SelectionGroup) -> str:
