@@ -35,9 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train = commands.add_parser(
         "train",
         help="Train a conditional diffusion model from a YAML recipe.",
-        description="Train a conditional diffusion model from a YAML recipe; --KEY=VALUE flags (anywhere after "
-        "'train') override its keys (YAML values, --KEY VALUE too; unknown keys are errors). --help-config lists "
-        "the keys (GenerativeConfig fields) with their types, defaults and help.",
+        description="Train a conditional diffusion model from a YAML recipe; --KEY=VALUE flags after the recipe "
+        "override its keys (YAML values, --KEY VALUE too; unknown keys are errors). --help-config lists the keys "
+        "(GenerativeConfig fields) with their types, defaults and help.",
         allow_abbrev=False,  # `--dry` must be an (unknown) key, not a prefix of --dry-run
     )
     train.add_argument(
