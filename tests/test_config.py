@@ -85,6 +85,18 @@ def test_file_and_overrides(tmp_path: Path) -> None:
         load_config(tmp_path / "list.yaml", Outer)
 
 
+def test_string_keys_take_command_line_numbers_as_written(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\n")
+    config = load_config(path, Outer, ["--name=2024", "--note", "1.50", "--steps=2"])
+    assert config.name == "2024" and config.note == "1.50" and config.steps == 2
+    assert load_config(path, Outer, ["--note=null"]).note is None
+    with pytest.raises(ConfigError, match="name: expected a string"):
+        load_config(path, Outer, ["--name=[1, 2]"])
+    with pytest.raises(ConfigError, match="command line: unknown key 'config_name'"):  # a ClassVar is no key
+        load_config(path, Outer, ["--config_name=x"])
+
+
 def test_help_lists_every_key_with_its_help() -> None:
     text = config_help(Outer)
     for line in (
@@ -174,7 +186,8 @@ def test_pretraining_and_generative_configs_use_the_engine() -> None:
         ("PretrainConfig", {"data": "d", "augmentation": {"nois": 1}},
          r"pretraining config: unknown key 'augmentation\.nois'; known keys of augmentation"),
         ("PretrainConfig", {"data": "d", "epochs": "ten"}, "pretraining config: epochs: expected an integer"),
-        ("PretrainConfig", {"data": "d", "bandpass": [1]}, "pretraining config: bandpass: expected tuple or null, got \\[1\\]"),
+        ("PretrainConfig", {"data": "d", "bandpass": [1]},
+         r"pretraining config: bandpass: expected tuple or null, got \[1\]"),
         ("PretrainConfig", {"data": "d", "augmentation": {"noise_p": True}},
          r"augmentation\.noise_p: expected a number, got True"),
         ("PretrainConfig", {"data": "d", "mixed_precision": False}, "mixed_precision: expected a string"),
@@ -182,10 +195,11 @@ def test_pretraining_and_generative_configs_use_the_engine() -> None:
         ("PretrainConfig", {"data": "d", "objective": "simclr"}, "the top level: .*objective 'simclr'"),
         ("AugmentConfig", {"noise_p": 2.0}, "augmentation: the top level: .*noise_p must be a probability"),
         ("GenerativeConfig", {**_GENERATIVE, "max_step": 1}, "generative config: unknown key 'max_step'"),
-        ("GenerativeConfig", {**_GENERATIVE, "leads": ["I", 2]}, r"generative config: leads: expected tuple or null"),
+        ("GenerativeConfig", {**_GENERATIVE, "leads": ["I", 2]}, "generative config: leads: expected tuple or null"),
         ("GenerativeConfig", {**_GENERATIVE, "parts": "train"}, "parts: expected a list"),
         ("GenerativeConfig", {**_GENERATIVE, "max_steps": 1.5}, "max_steps: expected an integer"),
-        ("GenerativeConfig", {**_GENERATIVE, "parts": ["test"]}, "generative config: the top level: parts .*trains on training parts only"),
+        ("GenerativeConfig", {**_GENERATIVE, "parts": ["test"]},
+         "generative config: the top level: parts .*trains on training parts only"),
         ("GenerativeConfig", {"data": "d", "task": "t"}, "missing required key 'output_dir'"),
     ],
 )
@@ -216,7 +230,9 @@ def test_saved_diffusion_config_errors_name_the_file(tmp_path: Path) -> None:
         load_diffusion(folder)
 
 
-def test_pretrain_and_generate_train_command_lines_override_the_recipe(capsys: pytest.CaptureFixture[str]) -> None:
+def test_pretrain_and_generate_train_command_lines_override_the_recipe(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """``enecg pretrain`` / ``enecg generate train``: YAML file + ``--a.b=c`` overrides through the engine (the
     per-field flags of earlier versions are the same overrides), ``--dry-run`` prints the resolved config."""
     import yaml
@@ -248,6 +264,8 @@ def test_pretrain_and_generate_train_command_lines_override_the_recipe(capsys: p
     assert resolved["seed"] == 3 and resolved["leads"] == ["I", "II"] and resolved["task"] == "superclass"
     assert main(["generate", "train", generate_recipe, "--max_steps=many", "--dry-run"]) == 2
     assert "generate_ptbxl.yaml: max_steps: expected an integer" in capsys.readouterr().err
+    assert main(["generate", "train", "--dry-run", "--seed=1"]) == 2
+    assert "enecg generate train needs a recipe" in capsys.readouterr().err
     assert main(["generate", "train", "--help-config"]) == 0
     assert "ema_decay (float) = 0.0" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # other commands still refuse arguments they do not know

@@ -100,7 +100,7 @@ def _train(args: argparse.Namespace) -> int:
         print(config_help(GenerativeConfig))
         return 0
     if args.recipe is None:
-        raise ValueError("enecg generate train needs a recipe file: enecg generate train RECIPE.yaml [--KEY=VALUE]")
+        raise ValueError("enecg generate train needs a recipe: enecg generate train RECIPE.yaml [--KEY=VALUE ...]")
     config = GenerativeConfig.from_yaml(args.recipe, args.overrides)
     if args.dry_run:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
