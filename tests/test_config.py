@@ -85,6 +85,18 @@ def test_file_and_overrides(tmp_path: Path) -> None:
         load_config(tmp_path / "list.yaml", Outer)
 
 
+def test_string_keys_take_command_line_numbers_as_written(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\n")
+    config = load_config(path, Outer, ["--name=2024", "--note", "1.50", "--steps=2"])
+    assert config.name == "2024" and config.note == "1.50" and config.steps == 2
+    assert load_config(path, Outer, ["--note=null"]).note is None
+    with pytest.raises(ConfigError, match="name: expected a string"):
+        load_config(path, Outer, ["--name=[1, 2]"])
+    with pytest.raises(ConfigError, match="command line: unknown key 'config_name'"):  # a ClassVar is no key
+        load_config(path, Outer, ["--config_name=x"])
+
+
 def test_help_lists_every_key_with_its_help() -> None:
     text = config_help(Outer)
     for line in (
@@ -134,5 +146,162 @@ def test_files_written_by_main_at_09966f4_still_load() -> None:
     for name in ("quickstart.yaml", "ptbxl_light_ensemble.yaml", "ptbxl_foundation_models.yaml"):
         recipe = load_recipe(COMPAT / name)
         assert recipe.experts and recipe.tasks, name
-    assert resolve_config(COMPAT / "pretrain_ssl.yaml", {}).epochs > 0
+    assert resolve_config(COMPAT / "pretrain_ssl.yaml").epochs > 0
     assert load_seed_recipe("efficiency", str(COMPAT / "efficiency_benchmark.yaml"), []) is not None
+
+
+# ------------------------------------------------------- pretraining and generative configs (same engine)
+
+REPO = Path(__file__).resolve().parents[1]
+COMPAT_0CFB972 = Path(__file__).resolve().parent / "fixtures" / "compat_0cfb972"
+_GENERATIVE = {"data": "d", "task": "superclass", "output_dir": "o"}
+
+
+def _diffusion_config() -> dict:
+    import json
+
+    return json.loads((COMPAT_0CFB972 / "diffusion" / "config.json").read_text())
+
+
+def test_pretraining_and_generative_configs_use_the_engine() -> None:
+    from enecg.generative import DiffusionSpec, GenerativeConfig
+    from enecg.pretraining import AugmentConfig, PretrainConfig
+
+    for cls in (PretrainConfig, AugmentConfig, GenerativeConfig, DiffusionSpec):
+        assert issubclass(cls, ConfigMixin), cls
+    config = PretrainConfig.from_dict({"data": "d", "bandpass": [1, 40], "augmentation": {"noise_p": 1}})
+    assert config.bandpass == (1.0, 40.0) and config.augmentation.noise_p == 1.0
+    assert PretrainConfig.from_dict(config.to_dict()) == config
+    assert PretrainConfig.from_dict({"data": "d", "splits": "train"}).splits == ("train",)  # accepted before
+    generative = GenerativeConfig.from_dict({**_GENERATIVE, "leads": ["I", "II"], "block_out_channels": [8, 16]})
+    assert generative.leads == ("I", "II") and generative.block_out_channels == (8, 16)
+    assert GenerativeConfig.from_dict(generative.to_dict()) == generative
+    assert "config_name" not in config.to_dict() and "config_name" not in config_help(PretrainConfig)
+
+
+@pytest.mark.parametrize(
+    ("schema", "data", "message"),
+    [
+        ("PretrainConfig", {"data": "d", "lerning_rate": 1}, "pretraining config: unknown key 'lerning_rate'"),
+        ("PretrainConfig", {"data": "d", "augmentation": {"nois": 1}},
+         r"pretraining config: unknown key 'augmentation\.nois'; known keys of augmentation"),
+        ("PretrainConfig", {"data": "d", "epochs": "ten"}, "pretraining config: epochs: expected an integer"),
+        ("PretrainConfig", {"data": "d", "bandpass": [1]},
+         r"pretraining config: bandpass: expected tuple or null, got \[1\]"),
+        ("PretrainConfig", {"data": "d", "augmentation": {"noise_p": True}},
+         r"augmentation\.noise_p: expected a number, got True"),
+        ("PretrainConfig", {"data": "d", "mixed_precision": False}, "mixed_precision: expected a string"),
+        ("PretrainConfig", {}, "pretraining config: missing required key 'data'"),
+        ("PretrainConfig", {"data": "d", "objective": "simclr"}, "the top level: .*objective 'simclr'"),
+        ("AugmentConfig", {"noise_p": 2.0}, "augmentation: the top level: .*noise_p must be a probability"),
+        ("GenerativeConfig", {**_GENERATIVE, "max_step": 1}, "generative config: unknown key 'max_step'"),
+        ("GenerativeConfig", {**_GENERATIVE, "leads": ["I", 2]}, "generative config: leads: expected tuple or null"),
+        ("GenerativeConfig", {**_GENERATIVE, "parts": "train"}, "parts: expected a list"),
+        ("GenerativeConfig", {**_GENERATIVE, "max_steps": 1.5}, "max_steps: expected an integer"),
+        ("GenerativeConfig", {**_GENERATIVE, "parts": ["test"]},
+         "generative config: the top level: parts .*trains on training parts only"),
+        ("GenerativeConfig", {"data": "d", "task": "t"}, "missing required key 'output_dir'"),
+    ],
+)
+def test_pretraining_and_generative_errors_name_source_and_key(schema, data, message) -> None:
+    import enecg.generative as generative
+    import enecg.pretraining as pretraining
+
+    cls = getattr(pretraining, schema, None) or getattr(generative, schema)
+    with pytest.raises(ConfigError, match=message):
+        cls.from_dict(data)
+
+
+def test_saved_diffusion_config_errors_name_the_file(tmp_path: Path) -> None:
+    import json
+
+    from enecg.generative import DiffusionSpec, load_diffusion
+
+    saved = _diffusion_config()
+    assert DiffusionSpec.from_dict(saved).to_dict() == saved
+    with pytest.raises(ConfigError, match=r"config\.json: not an enecg ECG diffusion model"):
+        DiffusionSpec.from_dict({k: v for k, v in saved.items() if k != "model_type"}, "config.json")
+    with pytest.raises(ConfigError, match="diffusion config: length: expected an integer"):
+        DiffusionSpec.from_dict({**saved, "length": "256"})
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**saved, "unet": {}}))
+    with pytest.raises(ConfigError, match=rf"{folder / 'config.json'}: unknown key 'unet'"):
+        load_diffusion(folder)
+
+
+def test_pretrain_and_generate_train_command_lines_override_the_recipe(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``enecg pretrain`` / ``enecg generate train``: YAML file + ``--a.b=c`` overrides through the engine (the
+    per-field flags of earlier versions are the same overrides), ``--dry-run`` prints the resolved config."""
+    import yaml
+
+    from enecg.cli import main
+
+    pretrain_recipe = str(REPO / "recipes" / "pretrain_ssl.yaml")
+    args = ["pretrain", "--config", pretrain_recipe, "--data=/records", "--max_records", "16",
+            "--augmentation.noise_p=1", "--bandpass=[0.5, 40]", "--name=2024", "--splits=train", "--dry-run"]
+    assert main(args) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["data"] == "/records" and resolved["max_records"] == 16 and resolved["splits"] == ["train"]
+    assert resolved["augmentation"]["noise_p"] == 1.0 and resolved["bandpass"] == [0.5, 40.0]
+    assert resolved["name"] == "2024"  # a string key takes the text as written
+    assert main(["pretrain", "--dry-run", "--data=/records", "--epochs=3"]) == 0  # no recipe: command line only
+    assert yaml.safe_load(capsys.readouterr().out)["epochs"] == 3
+    for bad, message in (
+        (["--config", pretrain_recipe, "--epochs=ten"], "pretrain_ssl.yaml: epochs: expected an integer"),
+        (["--config", pretrain_recipe, "--augmentation.nois=1"], "command line: unknown key 'augmentation.nois'"),
+        (["--dry"], "command line: unknown key 'dry'"),  # no abbreviation of --dry-run
+        ([], "command line: missing required key 'data'"),
+    ):
+        assert main(["pretrain", *bad, "--dry-run"]) == 2, bad
+        assert message in capsys.readouterr().err
+
+    generate_recipe = str(REPO / "recipes" / "generate_ptbxl.yaml")
+    assert main(["generate", "train", "--dry-run", generate_recipe, "--seed", "3", "--leads=[I, II]"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["seed"] == 3 and resolved["leads"] == ["I", "II"] and resolved["task"] == "superclass"
+    assert main(["generate", "train", generate_recipe, "--max_steps=many", "--dry-run"]) == 2
+    assert "generate_ptbxl.yaml: max_steps: expected an integer" in capsys.readouterr().err
+    assert main(["generate", "train", "--dry-run", "--seed=1"]) == 2
+    assert "enecg generate train needs a recipe" in capsys.readouterr().err
+    assert main(["generate", "train", "--help-config"]) == 0
+    assert "ema_decay (float) = 0.0" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # other commands still refuse arguments they do not know
+        main(["generate", "sample", "m", "--n", "1", "--out", "o", "--bogus=1"])
+    assert "unrecognized arguments: --bogus=1" in capsys.readouterr().err
+
+
+def test_pretrain_help_lists_the_config_keys(capsys: pytest.CaptureFixture[str]) -> None:
+    from enecg.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    assert "augmentation.noise_p (float) = 0.5" in capsys.readouterr().out
+
+
+def test_files_written_by_main_at_0cfb972_still_load() -> None:
+    """``tests/fixtures/compat_0cfb972`` (``make_fixtures.py`` there): a pretrained expert's ``metrics.json``, a
+    diffusion model folder and the pretrain / generate recipes, written by main at 0cfb972 (hand-written readers,
+    before these configs moved to the engine). They load unchanged, and the configs write back the same mappings
+    (the quickstart's reuse stamp compares ``PretrainConfig.to_dict()`` with the one it saved)."""
+    import json
+
+    from enecg.cli.pretrain import resolve_config
+    from enecg.generative import GenerativeConfig, load_diffusion
+    from enecg.pretraining import PretrainConfig
+
+    saved = json.loads((COMPAT_0CFB972 / "pretrained_expert_metrics.json").read_text())["pretraining_config"]
+    pretraining = PretrainConfig.from_dict(saved, "metrics.json")
+    assert pretraining.bandpass == (0.5, 40.0) and pretraining.augmentation.noise_p == 1.0
+    assert pretraining.seed == 7 and pretraining.leads[0] == "I" and pretraining.to_dict() == saved
+    metrics = json.loads((COMPAT_0CFB972 / "diffusion" / "metrics.json").read_text())
+    generative = GenerativeConfig.from_dict(metrics["generative_config"], "metrics.json")
+    assert generative.leads == ("I", "II", "V1") and generative.block_out_channels == (8, 16)
+    assert generative.to_dict() == metrics["generative_config"]
+    model = load_diffusion(COMPAT_0CFB972 / "diffusion")
+    assert model.spec.prediction_type == "v_prediction" and model.spec.to_dict() == _diffusion_config()
+    assert model.sample(["MI"], 1, seed=0, steps=2).shape == (1, 3, 256)
+    assert resolve_config(COMPAT_0CFB972 / "pretrain_ssl.yaml", ["--data=/records"]).epochs > 0
+    assert GenerativeConfig.from_yaml(COMPAT_0CFB972 / "generate_ptbxl.yaml").task == "superclass"

@@ -1,7 +1,11 @@
 """The ``enecg`` command line: one entry point, one sub-command group per module.
 
 Each module in :data:`COMMAND_MODULES` defines ``register(subparsers)`` which adds its sub-command(s) with their
-own ``--help`` and sets ``func`` (called with the parsed args, returning an exit code).
+own ``--help`` and sets ``func`` (called with the parsed args, returning an exit code). A sub-command that reads a
+config file with ``--a.b=c`` overrides (``enecg pretrain``, ``enecg generate train``) sets the default
+``takes_overrides=True``: the arguments its parser does not know are then handed to it as ``args.overrides`` (the
+config engine, :func:`enecg.utils.config.apply_overrides`, checks them against the schema) instead of being an
+error, wherever they stand among its own options.
 """
 
 from __future__ import annotations
@@ -39,7 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if getattr(args, "takes_overrides", False):
+        args.overrides = extras
+    elif extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )

@@ -2,11 +2,15 @@
 
 Usage::
 
-    enecg generate train RECIPE.yaml [--KEY=VALUE ...]       # train + save a Hub-ready model
+    enecg generate train RECIPE.yaml [--KEY=VALUE ...] [--dry-run]   # train + save a Hub-ready model
     enecg generate sample MODEL --label HYP --n 200 --out DIR # WFDB records + labels.csv (marked synthetic)
     enecg generate evaluate MODEL --data DATASET --expert EXPERT --out DIR   # Frechet, HR, QRS width, TSTR
 
-MODEL is a folder written by ``generate train`` or a Hub ID. Samples are read back with
+``generate train`` reads the recipe and its ``--KEY=VALUE`` overrides with the package's one config engine
+(:mod:`enecg.utils.config`), as ``enecg train`` does: keys are the fields of
+:class:`~enecg.generative.train.GenerativeConfig` (``generate train --help-config`` lists them), values are
+YAML, ``--KEY VALUE`` works too, and an unknown key is an error naming it. MODEL is a folder written by
+``generate train`` or a Hub ID. Samples are read back with
 ``enecg data prepare wfdb DIR --labels DIR/labels.csv --out DATASET``; they always land in the training part.
 """
 
@@ -15,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -29,17 +32,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     commands = parser.add_subparsers(dest="generate_command", metavar="ACTION", required=True)
 
-    train = commands.add_parser("train", help="Train a conditional diffusion model from a YAML recipe.")
-    train.add_argument(
-        "recipe", type=Path, help="YAML recipe of GenerativeConfig keys (recipes/generate_*.yaml)."
+    train = commands.add_parser(
+        "train",
+        help="Train a conditional diffusion model from a YAML recipe.",
+        description="Train a conditional diffusion model from a YAML recipe; --KEY=VALUE flags after the recipe "
+        "override its keys (YAML values, --KEY VALUE too; unknown keys are errors). --help-config lists the keys "
+        "(GenerativeConfig fields) with their types, defaults and help.",
+        allow_abbrev=False,  # `--dry` must be an (unknown) key, not a prefix of --dry-run
     )
     train.add_argument(
-        "overrides",
-        nargs=argparse.REMAINDER,
-        metavar="--KEY=VALUE",
-        help="Override recipe keys (values parsed as YAML).",
+        "recipe", type=Path, nargs="?", help="YAML recipe of GenerativeConfig keys (recipes/generate_*.yaml)."
     )
-    train.set_defaults(func=_train)
+    train.add_argument("--dry-run", action="store_true", help="Print the resolved config as YAML and exit.")
+    train.add_argument(
+        "--help-config", action="store_true", help="List every config key with its type, default and help."
+    )
+    # Every other argument is a --KEY=VALUE override (enecg.cli.main hands them over as args.overrides).
+    train.set_defaults(func=_train, takes_overrides=True)
 
     sample = commands.add_parser("sample", help="Write synthetic WFDB records + labels.csv.")
     sample.add_argument("model", help="Model folder or Hub ID.")
@@ -83,20 +92,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.set_defaults(func=_evaluate)
 
 
-def _overrides(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.removeprefix("--").partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r}: expected --KEY=VALUE")
-        out[key] = yaml.safe_load(value)
-    return out
-
-
 def _train(args: argparse.Namespace) -> int:
     from enecg.generative.train import GenerativeConfig, train_diffusion
+    from enecg.utils.config import config_help
 
-    config = GenerativeConfig.from_yaml(args.recipe, _overrides(args.overrides))
+    if args.help_config:
+        print(config_help(GenerativeConfig))
+        return 0
+    if args.recipe is None:
+        raise ValueError("enecg generate train needs a recipe: enecg generate train RECIPE.yaml [--KEY=VALUE ...]")
+    config = GenerativeConfig.from_yaml(args.recipe, args.overrides)
+    if args.dry_run:
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        return 0
     folder = train_diffusion(config)
     metrics = json.loads((folder / "metrics.json").read_text())
     print(f"model saved to {folder} (loss {metrics['first_loss']:.4f} -> {metrics['final_loss']:.4f})")

@@ -20,14 +20,13 @@ A saved model is a Hub-ready folder: ``model.safetensors``, ``config.json`` (:cl
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -38,6 +37,7 @@ from torch import nn
 from enecg.contract import InputContract, apply_contract_array
 from enecg.data.schema import SYNTHETIC_PREFIX, is_synthetic  # noqa: F401  (re-exported)
 from enecg.record import ECGRecord
+from enecg.utils.config import ConfigError, ConfigMixin, decode
 from enecg.utils.files import write_text_atomic
 
 WEIGHTS_FILE = "model.safetensors"
@@ -76,8 +76,13 @@ PREDICTION_TARGETS: dict[str, PredictionTarget] = {
 
 
 @dataclass
-class DiffusionSpec:
-    """Everything that rebuilds a saved model (``config.json``); set by training from the data and config."""
+class DiffusionSpec(ConfigMixin):
+    """Everything that rebuilds a saved model (``config.json``); set by training from the data and config.
+
+    Read through :mod:`enecg.utils.config`: ``from_dict`` refuses a mapping of another model type first, then
+    decodes strictly (an unknown key or a wrong type names the file and the key)."""
+
+    config_name: ClassVar[str] = "diffusion config"
 
     task: str = field(metadata={"help": "Label set (task column) the model is conditioned on."})
     task_type: str = field(metadata={"help": "multilabel | multiclass"})
@@ -139,11 +144,15 @@ class DiffusionSpec:
         return InputContract(fs=self.fs, leads=tuple(self.leads), length=self.length)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DiffusionSpec:
-        if data.get("model_type") != MODEL_TYPE:
-            raise ValueError(f"not an enecg ECG diffusion model (model_type {data.get('model_type')!r})")
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+    def from_dict(cls, data: Any, source: str | None = None) -> DiffusionSpec:
+        """Build from a saved ``config.json`` mapping; ``source`` (the file) is named by every error."""
+        # Checked before the keys: another kind of model (a Hub repo of another library) fails with this one line.
+        model_type = data.get("model_type") if isinstance(data, dict) else None
+        if model_type != MODEL_TYPE:
+            raise ConfigError(
+                f"{source or cls.config_name}: not an enecg ECG diffusion model (model_type {model_type!r})"
+            )
+        return decode(cls, data, source or cls.config_name)
 
 
 class ECGDiffusion(nn.Module):
@@ -397,7 +406,7 @@ def save_diffusion(
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
-    write_text_atomic(folder / CONFIG_FILE, json.dumps(dataclasses.asdict(model.spec), indent=2))
+    write_text_atomic(folder / CONFIG_FILE, json.dumps(model.spec.to_dict(), indent=2))
     write_text_atomic(folder / METRICS_FILE, json.dumps(metrics or {}, indent=2, default=str))
     write_text_atomic(folder / CARD_FILE, card or model_card(model.spec, metrics or {}))
     return folder
@@ -468,7 +477,7 @@ def load_diffusion(source: str | os.PathLike, revision: str | None = None) -> EC
     config = folder / CONFIG_FILE
     if not config.is_file():
         raise FileNotFoundError(f"{folder}: no {CONFIG_FILE}; not a saved ECG diffusion model")
-    spec = DiffusionSpec.from_dict(json.loads(config.read_text()))
+    spec = DiffusionSpec.from_dict(json.loads(config.read_text()), str(config))
     model = ECGDiffusion(spec)
     model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)), strict=True)
     model.name = str(source)  # type: ignore[attr-defined]  # recorded in synthetic records' source

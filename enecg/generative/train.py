@@ -9,31 +9,35 @@ the main process (:func:`~enecg.generative.model.save_diffusion`).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import yaml
 
 from enecg.contract import apply_contract_array
 from enecg.data.build import load_dataset_dir
 from enecg.data.schema import EVALUATION_PARTS, TaskInfo, is_synthetic
 from enecg.engine import Trainer, TrainerArguments, TrainerCallback
 from enecg.generative.model import DiffusionSpec, ECGDiffusion, save_diffusion
+from enecg.utils.config import ConfigMixin, load_config
 
 logger = logging.getLogger(__name__)
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
 @dataclass
-class GenerativeConfig:
-    """A training run (``recipes/generate_ptbxl.yaml`` documents each key)."""
+class GenerativeConfig(ConfigMixin):
+    """A training run (``recipes/generate_ptbxl.yaml`` documents each key).
+
+    Read through :mod:`enecg.utils.config` (``from_dict``, :meth:`from_yaml`): unknown keys and wrong types are
+    errors naming the source and the key; ``to_dict`` writes lists (``metrics.json``'s ``generative_config``)."""
+
+    config_name: ClassVar[str] = "generative config"
 
     data: str = field(metadata={"help": "A prepared enecg dataset folder (enecg data prepare ...)."})
     task: str = field(metadata={"help": "Label set to condition on (a multilabel or multiclass task)."})
@@ -102,29 +106,9 @@ class GenerativeConfig:
             raise ValueError(f"condition_dropout {self.condition_dropout}: must be in [0, 1)")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "recipe") -> GenerativeConfig:
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            raise ValueError(f"{source}: unknown key(s) {unknown}; known: {names}")
-        try:
-            return cls(**data)
-        except TypeError as exc:  # a required key is missing
-            raise ValueError(f"{source}: {exc}") from None
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> GenerativeConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: recipe not found")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: a recipe must be a mapping of GenerativeConfig keys")
-        data.update(overrides or {})
-        return cls.from_dict(data, str(path))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+    def from_yaml(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> GenerativeConfig:
+        """Read a recipe file with ``--key=value`` overrides (:func:`enecg.utils.config.load_config`)."""
+        return load_config(path, cls, overrides)
 
 
 @dataclass

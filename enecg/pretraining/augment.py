@@ -22,9 +22,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+
+from enecg.utils.config import ConfigMixin
 
 AUGMENTATION_ORDER = (
     "time_shift",
@@ -183,9 +185,13 @@ def random_crop(x: torch.Tensor, generator: torch.Generator, length: int) -> tor
 
 
 @dataclass
-class AugmentConfig:
+class AugmentConfig(ConfigMixin):
     """Probabilities and strengths of the pretraining augmentations (per record; a probability of 0 turns an op
-    off). The defaults are moderate perturbations of the kinds found in clinical recordings."""
+    off). The defaults are moderate perturbations of the kinds found in clinical recordings.
+
+    ``from_dict`` / ``to_dict`` come from :class:`~enecg.utils.config.ConfigMixin` (typed, strict)."""
+
+    config_name: ClassVar[str] = "augmentation"
 
     time_shift_p: float = field(default=0.5, metadata={"help": "Probability of a random time shift."})
     time_shift_max_fraction: float = field(
@@ -245,18 +251,6 @@ class AugmentConfig:
                 raise ValueError(f"augmentation: {name} must be in [0, 1), got {getattr(self, name)}")
         if not self.powerline_frequencies:
             raise ValueError("augmentation: powerline_frequencies must name at least one frequency")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> AugmentConfig:
-        """Build from a mapping; unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown augmentation keys {unknown}; known: {sorted(names)}")
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
 class ECGAugment:

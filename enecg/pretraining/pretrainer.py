@@ -22,7 +22,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, ClassVar, get_args
 
 import torch
 from torch import nn
@@ -37,6 +37,7 @@ from enecg.leads import STANDARD_12_LEADS
 from enecg.pretraining.augment import AugmentConfig, ECGAugment
 from enecg.pretraining.data import SegmentPairCollator, open_records
 from enecg.pretraining.objectives import OBJECTIVES, SelfSupervisedModel, span_mask
+from enecg.utils.config import ConfigMixin, decode
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +47,14 @@ _TUPLE_FIELDS = ("splits", "leads", "bandpass", "mask_ratio")
 
 
 @dataclass
-class PretrainConfig:
-    """Everything a pretraining run needs (``recipes/pretrain_ssl.yaml`` documents each key)."""
+class PretrainConfig(ConfigMixin):
+    """Everything a pretraining run needs (``recipes/pretrain_ssl.yaml`` documents each key).
+
+    Read through :mod:`enecg.utils.config` (``from_dict``, ``load_config``): unknown keys and wrong types are
+    errors naming the source and the dotted key (``augmentation.noise_p``); ``to_dict`` writes lists, what
+    ``metrics.json`` holds as ``pretraining_config``."""
+
+    config_name: ClassVar[str] = "pretraining config"
 
     # --- data
     data: str = field(
@@ -213,25 +220,14 @@ class PretrainConfig:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PretrainConfig:
-        """Build from a mapping (YAML recipe); unknown keys are an error, ``augmentation`` may be a mapping."""
-        unknown = sorted(set(data) - set(cls.field_names()))
-        if unknown:
-            raise ValueError(f"unknown pretraining config keys {unknown}; known: {cls.field_names()}")
-        if "data" not in data:
-            raise ValueError("pretraining config: 'data' (dataset or record folder) is required")
-        return cls(**data)
+    def from_dict(cls, data: Any, source: str | None = None) -> PretrainConfig:
+        """Build from a mapping (a recipe, ``metrics.json``'s ``pretraining_config``) through the config engine.
 
-    def to_dict(self) -> dict[str, Any]:
-        out = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, AugmentConfig):
-                value = value.to_dict()
-            elif isinstance(value, tuple):
-                value = list(value)
-            out[f.name] = value
-        return out
+        One upgrade first: a single part name as ``splits`` (``splits: train``, ``--splits=train``), which the
+        hand-written reader before the engine accepted, becomes a one-item list."""
+        if isinstance(data, dict) and isinstance(data.get("splits"), str):
+            data = {**data, "splits": [data["splits"]]}
+        return decode(cls, data, source or cls.config_name)
 
 
 def _warmup_cosine(warmup_steps: int, total_steps: int):

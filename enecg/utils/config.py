@@ -50,12 +50,24 @@ class ConfigMixin:
 
     @classmethod
     def from_dict(cls: type[T], data: Any, source: str | None = None) -> T:
-        """Build from a mapping; errors name ``source`` (default: the class's ``config_name``) and the key."""
+        """Build from a mapping; errors name ``source`` (default: the class's ``config_name``) and the key.
+
+        :func:`load_config` goes through this method, so a subclass that must upgrade an older layout first (a
+        renamed key, a format version) overrides it and ends with :func:`decode`."""
         return decode(cls, data, source or cls.config_name)  # type: ignore[attr-defined]
 
     def to_dict(self) -> dict[str, Any]:
-        """A plain mapping (``from_dict(to_dict())`` gives an equal config)."""
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
+        """A plain mapping of what JSON and ``yaml.safe_dump`` write (tuples as lists);
+        ``from_dict(to_dict())`` gives an equal config."""
+        return _plain(dataclasses.asdict(self))  # type: ignore[call-overload]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -114,8 +126,12 @@ def read_mapping(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_config(path: str | os.PathLike, schema: type[T], overrides: list[str] | tuple[str, ...] = ()) -> T:
-    """Read a YAML file into the dataclass ``schema``, after applying ``--key=value`` overrides."""
-    return decode(schema, apply_overrides(read_mapping(path), overrides, schema), source=str(path))
+    """Read a YAML file into the dataclass ``schema``, after applying ``--key=value`` overrides (through the
+    schema's ``from_dict`` when it is a :class:`ConfigMixin`, so its upgrades of older layouts apply)."""
+    data = apply_overrides(read_mapping(path), overrides, schema)
+    if isinstance(schema, type) and issubclass(schema, ConfigMixin):
+        return schema.from_dict(data, str(path))  # type: ignore[return-value]
+    return decode(schema, data, source=str(path))
 
 
 # ------------------------------------------------------------------------------------- command-line overrides
@@ -125,7 +141,19 @@ def parse_overrides(arguments: list[str] | tuple[str, ...]) -> list[tuple[str, A
     """``["--optim.lr=3e-4", "--model.gate.top_k", "1"]`` -> ``[("optim.lr", 3e-4), ("model.gate.top_k", 1)]``.
 
     Values are YAML (``null``, ``true``, ``[a, b]``, ``{k: v}``); ``--flag`` alone means ``true``."""
-    parsed: list[tuple[str, Any]] = []
+    return [(key, _yaml_value(raw)) for key, raw in _split_overrides(arguments)]
+
+
+def _yaml_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def _split_overrides(arguments: list[str] | tuple[str, ...]) -> list[tuple[str, str]]:
+    """``--key=value`` / ``--key value`` / ``--flag`` arguments -> ``(key, raw text)`` pairs."""
+    parsed: list[tuple[str, str]] = []
     items = list(arguments)
     i = 0
     while i < len(items):
@@ -139,11 +167,7 @@ def parse_overrides(arguments: list[str] | tuple[str, ...]) -> list[tuple[str, A
                 i += 1
             else:
                 raw = "true"
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        parsed.append((key.replace("-", "_"), value))
+        parsed.append((key.replace("-", "_"), raw))
         i += 1
     return parsed
 
@@ -152,27 +176,34 @@ def apply_overrides(
     data: dict[str, Any], overrides: list[str] | tuple[str, ...], schema: type
 ) -> dict[str, Any]:
     """A copy of ``data`` with dotted-key overrides set (``experts.0.revision`` indexes a list); a key that
-    ``schema`` does not have is an error naming the flag."""
+    ``schema`` does not have is an error naming the flag.
+
+    Values are YAML, except that a string key (``str`` or ``str | None``) takes a number or boolean as the text
+    written (``--name=2024``, ``--tag=1.0``): a shell argument is text, only YAML would make it something else."""
     data = copy.deepcopy(data)
-    for key, value in parse_overrides(overrides):
-        _check_override_path(key, schema)
+    for key, raw in _split_overrides(overrides):
+        value = _yaml_value(raw)
+        if _strip_optional(_check_override_path(key, schema)) is str and isinstance(value, (bool, int, float)):
+            value = raw
         _set_dotted(data, key.split("."), value, key)
     return data
 
 
-def _check_override_path(key: str, schema: type) -> None:
-    """Walk ``key`` through the ``schema`` dataclasses; raise for a key no dataclass has."""
+def _check_override_path(key: str, schema: type) -> Any:
+    """Walk ``key`` through the ``schema`` dataclasses and return the annotated type it reaches; raise for a
+    key no dataclass has."""
     tp: Any = schema
     walked: list[str] = []
     for part in key.split("."):
         tp = _strip_optional(tp)
         if dataclasses.is_dataclass(tp):
             hints = _hints(tp)  # type: ignore[arg-type]
-            if part not in hints:
+            # The keys are the init fields, as in decode (not a ClassVar such as ConfigMixin's config_name).
+            names = sorted(f.name for f in dataclasses.fields(tp) if f.init)  # type: ignore[arg-type]
+            if part not in names:
                 where = ".".join(walked) or "the top level"
                 raise ConfigError(
-                    f"{COMMAND_LINE}: unknown key {key!r} ({part!r} is not a key of {where}; known: "
-                    f"{sorted(hints)})"
+                    f"{COMMAND_LINE}: unknown key {key!r} ({part!r} is not a key of {where}; known: {names})"
                 )
             tp = hints[part]
         elif typing.get_origin(tp) is list:
@@ -186,6 +217,7 @@ def _check_override_path(key: str, schema: type) -> None:
         else:
             raise ConfigError(f"{COMMAND_LINE}: {key!r}: {'.'.join(walked)} is a value, it has no keys")
         walked.append(part)
+    return tp
 
 
 def _set_dotted(data: Any, parts: list[str], value: Any, key: str) -> None:
