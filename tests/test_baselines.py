@@ -154,3 +154,21 @@ def test_fit_baselines_predicts_every_split_in_the_evaluation_space() -> None:
     assert rhythm.shape == (30, 3) and rhythm.sum(1) == pytest.approx(np.ones(30)) and np.all(rhythm[:, 2] == 0)
     assert predictions[probe_name("b")]["test"]["age"].shape == (30,)
     assert details["tasks"]["sex"]["features"] == ["a", "b"]
+
+
+def test_constant_predictions_per_task_type() -> None:
+    from enecg.evaluation.baselines import constant_predictions
+
+    regression = TaskInfo(name="age", type="regression")
+    values, names = constant_predictions(regression, np.array([10.0, np.nan, 30.0]), 2)
+    assert names == ["age"] and values.tolist() == [20.0, 20.0]
+    multiclass = TaskInfo(name="rhythm", type="multiclass", names=["A", "B", "C"])
+    values, names = constant_predictions(multiclass, np.array([0.0, 2.0, 2.0, np.nan]), 3)
+    assert names == ["A", "B", "C"] and values.shape == (3, 3)
+    np.testing.assert_allclose(values[0], [1 / 3, 0.0, 2 / 3])
+    binary = TaskInfo(name="sex", type="binary", names=["male", "female"])
+    values, names = constant_predictions(binary, np.array([0.0, 1.0, 1.0, 1.0]), 2)
+    assert names == ["female"] and values.tolist() == [0.75, 0.75]
+    multilabel = TaskInfo(name="superclass", type="multilabel", names=["NORM", "MI"])
+    values, names = constant_predictions(multilabel, np.array([[1.0, 0.0], [0.0, np.nan], [1.0, 1.0]]), 1)
+    assert names == ["NORM", "MI"] and np.allclose(values, [[2 / 3, 0.5]])

@@ -499,3 +499,17 @@ def test_padding_windows_are_refused_for_an_expert_without_window_mask():
     mask[0, 1] = False
     with pytest.raises(ValueError, match="takes no window_mask"):
         model(inputs, gate_input, window_masks={"e0": mask})
+
+
+def test_compare_predictions_reports_the_largest_difference() -> None:
+    from types import SimpleNamespace
+
+    from enecg.ensemble import compare_predictions
+
+    def prediction(record_id: str, p: float) -> SimpleNamespace:
+        return SimpleNamespace(to_dict=lambda: {"record_id": record_id, "tasks": {"t": {"p": [p, 1.0]}}})
+
+    same = compare_predictions([prediction("a", 0.25)], [prediction("a", 0.25)])
+    assert same == {"records": ["a"], "identical": True, "max_abs_difference": 0.0}
+    other = compare_predictions([prediction("a", 0.25)], [prediction("a", 0.5)])
+    assert other["identical"] is False and other["max_abs_difference"] == 0.25

@@ -413,3 +413,20 @@ def test_use_endpoint_patches_and_restores(hub: LocalHub) -> None:
     with pytest.raises(ValueError, match="http"):
         with use_endpoint("127.0.0.1:1234"):
             pass
+
+
+def test_fresh_hub_cache_is_empty_and_scoped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from huggingface_hub import constants
+
+    from enecg.testing.endpoint import fresh_hub_cache
+
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    before = constants.HF_HUB_CACHE
+    stale = tmp_path / "cache" / "models--org--old"
+    stale.mkdir(parents=True)
+    with fresh_hub_cache(tmp_path / "cache") as cache:
+        assert cache == tmp_path / "cache" and list(cache.iterdir()) == []
+        assert constants.HF_HUB_CACHE == os.environ["HF_HUB_CACHE"] == str(cache)
+    assert constants.HF_HUB_CACHE == before and "HF_HUB_CACHE" not in os.environ

@@ -209,3 +209,13 @@ def test_describe_reports_counts(ptbxl100: Path, capsys: pytest.CaptureFixture) 
     assert main(["data", "describe", str(ptbxl100)]) == 0
     text = capsys.readouterr().out
     assert "500 records" in text and "NORM 297" in text and "HYP 40" in text
+
+
+def test_record_header_names_the_file_at_each_rate(tmp_path: Path) -> None:
+    from enecg.data.ptbxl import record_header
+
+    (tmp_path / "ptbxl_database.csv").write_text(
+        "ecg_id,filename_lr,filename_hr\n42,records100/00000/00042_lr,records500/00000/00042_hr\n"
+    )
+    assert record_header(tmp_path, "ptbxl:00042") == tmp_path / "records100/00000/00042_lr.hea"
+    assert record_header(tmp_path, 42, rate=500) == tmp_path / "records500/00000/00042_hr.hea"

@@ -28,17 +28,16 @@ import pytest
 import yaml
 from conftest import REPO_ROOT
 
-from enecg.cli.quickstart import (
+from enecg.cli.quickstart import ENSEMBLE_REPO, SUMMARY_FILE
+from enecg.cli.quickstart_plan import (
     DEFAULT_RECIPE,
-    ENSEMBLE_REPO,
     QUICKSTART_EXPERTS,
-    SUMMARY_FILE,
     DataSource,
     build_recipe,
     choose_data_source,
-    compare_with_constant,
     recipe_experts,
 )
+from enecg.evaluation.summary import compare_with_constant
 
 OUTPUT_ENV = "ENECG_QUICKSTART_OUTPUT"
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")

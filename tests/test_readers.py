@@ -189,3 +189,16 @@ def test_comment_metadata() -> None:
     assert meta == {"age": 61.0, "sex": 1.0, "dx": ["164889003", "59118001"]}
     meta = comment_metadata(["Age: NaN", "Sex: Unknown"])
     assert math.isnan(meta["age"]) and math.isnan(meta["sex"]) and "dx" not in meta
+
+
+def test_write_wfdb_round_trips_through_read_record(tmp_path: Path) -> None:
+    from enecg.io import write_wfdb
+    from enecg.record import ECGRecord
+
+    signal = (np.sin(np.linspace(0, 20, 3 * 500)) * np.arange(1, 4)[:, None]).astype(np.float32)
+    record = ECGRecord(signal=signal, fs=500.0, leads=("I", "II", "V1"), record_id="src:00007")
+    path = write_wfdb(record, tmp_path / "out")
+    assert path == tmp_path / "out" / "src_00007.hea" and path.is_file()
+    back = read_record(path)
+    assert back.fs == 500.0 and back.leads == record.leads
+    np.testing.assert_allclose(back.signal, signal, atol=2e-3)  # 16-bit samples

@@ -18,6 +18,19 @@ import os
 import sys
 from pathlib import Path
 
+from enecg.data.build import load_dataset_dir
+from enecg.ensemble import Ensemble
+from enecg.evaluation.metrics import BootstrapConfig, OperatingPoint
+from enecg.hub.cards import (
+    DatasetCardInfo,
+    EvaluationSummary,
+    TrainingSummary,
+    render_ensemble_card,
+    save_card,
+    save_card_context,
+)
+from enecg.hub.publish import ensemble_card_context, push_ensemble, update_card
+from enecg.training.data import plan_runs
 from enecg.training.recipe import Recipe, RecipeError, load_recipe, recipe_help
 from enecg.training.trainer import RunResult, TrainResult, train
 from enecg.utils.distributed import finish_process_group
@@ -26,8 +39,6 @@ logger = logging.getLogger(__name__)
 
 
 def _dataset_cards() -> dict:
-    from enecg.hub.cards import DatasetCardInfo
-
     return {
         "ptbxl": DatasetCardInfo(
             name="PTB-XL", url="https://physionet.org/content/ptb-xl/", license="cc-by-4.0",
@@ -48,7 +59,7 @@ def run_recipe_file(config: str, overrides: list[str] | tuple[str, ...] = ()) ->
     """Load ``config`` with ``overrides``, train, and push the model when the recipe asks for it."""
     recipe = load_recipe(config, overrides)
     if recipe.data.synthetic is not None:
-        from enecg.generative.augment import materialize_synthetic
+        from enecg.generative.augment import materialize_synthetic  # diffusers: only when a recipe generates
 
         recipe = materialize_synthetic(recipe)  # generated records join the training parts only
     result = train(recipe)
@@ -64,8 +75,6 @@ def run_recipe_file(config: str, overrides: list[str] | tuple[str, ...] = ()) ->
 
 def _card_saved_models(recipe: Recipe, result: TrainResult) -> None:
     """Give every saved model its card (experts, licences, tasks; the report below adds test results)."""
-    from enecg.hub.publish import update_card
-
     for run in result.runs:
         if run.model_dir is not None:
             update_card(run.model_dir, recipe.hub.repo_id or Path(run.model_dir).name)
@@ -76,19 +85,8 @@ def report_run(recipe: Recipe, run: RunResult, *, recipe_path: str | None = None
     ``<run>/report``) and give the model a card with those results (``README.md`` + ``card_context.json``, which
     later pushes re-render for their repo). The model is reloaded from disk, so the report describes exactly what
     was saved. Returns the report folder, or None when the run saved no model or has no test part."""
-    from enecg.data import load_dataset_dir
-    from enecg.ensemble import Ensemble
-    from enecg.evaluation.metrics import BootstrapConfig, OperatingPoint
+    # The report's plots import matplotlib: only when a report is made, not at every `enecg` start-up.
     from enecg.evaluation.runner import evaluate_ensemble
-    from enecg.hub.cards import (
-        DatasetCardInfo,
-        EvaluationSummary,
-        TrainingSummary,
-        render_ensemble_card,
-        save_card,
-        save_card_context,
-    )
-    from enecg.hub.publish import ensemble_card_context
 
     if run.model_dir is None or run.test_part is None:
         logger.info("run %s: no saved model or no test part: no report", run.name or "hold-out")
@@ -116,15 +114,7 @@ def report_run(recipe: Recipe, run: RunResult, *, recipe_path: str | None = None
         model,
         repo_id,
         datasets=[dataset],
-        evaluations=[
-            EvaluationSummary(
-                split=run.test_part,
-                tasks=evaluation["tasks"],
-                dataset=dataset.name,
-                paired=evaluation.get("paired", {}),
-                best_single_expert=(evaluation.get("baseline_details") or {}).get("best_single_expert", {}),
-            )
-        ],
+        evaluations=[EvaluationSummary.from_evaluation(evaluation, run.test_part, dataset=dataset.name)],
         gate_mean_weights=(evaluation.get("gate") or {}).get("mean_weights", {}),
         gate_split=run.test_part,
         training=TrainingSummary(
@@ -145,16 +135,12 @@ def report_run(recipe: Recipe, run: RunResult, *, recipe_path: str | None = None
 def _train_parts(recipe: Recipe, run: RunResult) -> list[str]:
     """The dataset parts a run trained on (hold-out: the recipe's; k-fold: every fold but its validation and
     test folds)."""
-    from enecg.training.data import plan_runs
-
     plans = {plan.name: plan for plan in plan_runs(recipe)}
     return list(plans[run.name].train_parts) if run.name in plans else list(recipe.data.train_parts)
 
 
 def push_result(recipe: Recipe, result: TrainResult) -> None:
     """Push the saved model of a single-run recipe (main process only)."""
-    from enecg.hub.publish import push_ensemble
-
     run = result.run
     if run.model_dir is None:
         if _rank() == 0:

@@ -37,6 +37,7 @@ from typing import Any
 import datasets
 from tqdm.auto import tqdm
 
+from enecg.data.rows import row_to_record
 from enecg.data.schema import (
     META_FILE,
     SCHEMA_VERSION,
@@ -387,3 +388,12 @@ def load_dataset_dir(path: str | os.PathLike) -> tuple[datasets.DatasetDict, Dat
     if found != meta.splits:
         raise ValueError(f"{path}: parts {found} do not match {META_FILE} splits {meta.splits}")
     return dataset_dict, meta
+
+
+def load_records(path: str | os.PathLike, part: str, limit: int | None = None) -> list[ECGRecord]:
+    """The records of one part of a prepared dataset folder, in row order, as :class:`ECGRecord` objects (the
+    first ``limit`` ones when given)."""
+    dataset, _ = load_dataset_dir(path)
+    rows = dataset[part].with_format("numpy")
+    n = len(rows) if limit is None else min(limit, len(rows))
+    return [row_to_record(rows[i]) for i in range(n)]

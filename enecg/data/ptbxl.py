@@ -252,3 +252,13 @@ def prepare_ptbxl(
 ):
     """Build (or reuse) a PTB-XL dataset folder; returns ``(DatasetDict, DatasetMeta)``."""
     return build_dataset(plan_ptbxl(root, options), out, workers=workers, force=force)
+
+
+def record_header(root: str | Path, record_id: str | int, rate: int = 100) -> Path:
+    """The ``.hea`` file of one PTB-XL record under ``root``, at ``rate`` Hz (100: ``records100/``, 500:
+    ``records500/``); ``record_id`` is an ``ecg_id`` or a dataset record ID (``ptbxl:00042``)."""
+    root = Path(root)
+    ecg_id = int(str(record_id).rsplit(":", 1)[-1])
+    column = "filename_lr" if rate == 100 else "filename_hr"
+    table = pd.read_csv(root / DATABASE_CSV, usecols=["ecg_id", column], index_col="ecg_id")
+    return root / f"{table.loc[ecg_id, column]}.hea"

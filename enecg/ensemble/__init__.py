@@ -22,7 +22,7 @@ from enecg.ensemble.gates import (
 from enecg.ensemble.heads import ExpertBranch, TaskHead
 from enecg.ensemble.lora import adapter_state_dict, check_lora_targets, save_adapter, wrap_branch
 from enecg.ensemble.model import Ensemble, EnsembleOutput
-from enecg.ensemble.prediction import RecordPrediction, TaskPrediction, predict_records
+from enecg.ensemble.prediction import RecordPrediction, TaskPrediction, compare_predictions, predict_records
 from enecg.ensemble.serialization import EnsembleLoadError, load_pretrained, save_pretrained
 from enecg.ensemble.tasks import Task, build_task, register_task_type
 
@@ -49,6 +49,7 @@ __all__ = [
     "build_gate",
     "build_task",
     "check_lora_targets",
+    "compare_predictions",
     "create_ensemble",
     "expert_ref",
     "load_balance_loss",

@@ -180,6 +180,33 @@ def predict_records(
     return results
 
 
+def compare_predictions(expected: Sequence[RecordPrediction], got: Sequence[RecordPrediction]) -> dict[str, Any]:
+    """Whether two models predicted the same records identically (e.g. a trained model and its copy pulled back
+    from the Hub): ``{"records": ids, "identical": bool, "max_abs_difference": float | None}``. The difference is
+    taken over every number of the predictions (None when their shapes differ; NaN on both sides counts as equal).
+    """
+    a = [r.to_dict() for r in expected]
+    b = [r.to_dict() for r in got]
+    xs, ys = _numbers(a), _numbers(b)
+    diff = max((abs(x - y) for x, y in zip(xs, ys) if not (math.isnan(x) and math.isnan(y))), default=0.0)
+    return {
+        "records": [r["record_id"] for r in a],
+        "identical": a == b,
+        "max_abs_difference": diff if len(xs) == len(ys) else None,
+    }
+
+
+def _numbers(value: Any) -> list[float]:
+    """Every number of a JSON-like value, in a fixed order (mapping keys sorted)."""
+    if isinstance(value, Mapping):
+        return [x for key in sorted(value) for x in _numbers(value[key])]
+    if isinstance(value, (list, tuple)):
+        return [x for item in value for x in _numbers(item)]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [float(value)]
+    return []
+
+
 def _explain(
     ensemble: Ensemble, output: Any, record_ids: list[str], thresholds: dict[str, dict[str, float]]
 ) -> list[RecordPrediction]:
@@ -246,4 +273,12 @@ def _value(
     return dict(zip(labels, flat, strict=True))
 
 
-__all__ = ["ExpertInput", "RecordPrediction", "TaskPrediction", "check_thresholds", "output_labels", "predict_records"]
+__all__ = [
+    "ExpertInput",
+    "RecordPrediction",
+    "TaskPrediction",
+    "check_thresholds",
+    "compare_predictions",
+    "output_labels",
+    "predict_records",
+]

@@ -10,6 +10,10 @@
   regression on those *out-of-fold* outputs learns how to weigh the experts; at test time it combines the probes
   fitted on the whole training part.
 
+* **constant predictor**: the floor any model must clear (:func:`constant_predictor_headlines`): label
+  prevalences (class frequencies) of the training part for classification, whose AUROC is 0.5 by construction,
+  and the training mean for regression.
+
 The uniform average of the ensemble's own heads is computed by the runner (:mod:`enecg.evaluation.runner`).
 Predictions come back in the evaluation's format: probabilities for classification, values for regression.
 """
@@ -17,6 +21,7 @@ Predictions come back in the evaluation's format: probabilities for classificati
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,10 +32,15 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LinearRegression, LogisticRegression, RidgeCV
 from sklearn.preprocessing import StandardScaler
 
+from enecg.data.build import load_dataset_dir
+from enecg.data.rows import label_arrays
 from enecg.data.schema import TaskInfo
 from enecg.data.splits import row_folds
 from enecg.ensemble.tasks import evaluated_as
+from enecg.evaluation.metrics import BootstrapConfig
 from enecg.evaluation.paired import HEADLINES, headline_value
+from enecg.evaluation.report import headline
+from enecg.evaluation.task_eval import evaluate_task
 
 PROBE_C = 0.1
 STACKER_C = 1.0
@@ -281,6 +291,56 @@ def fit_baselines(
             )
         details["tasks"][task.name] = {"stacker_coefficients": stacker.coefficients(), "features": experts}
     return predictions, details
+
+
+
+# ----------------------------------------------------------------------------------------- constant predictor
+
+
+def constant_predictions(task: TaskInfo, train_labels: np.ndarray, n: int) -> tuple[np.ndarray, list[str]]:
+    """``n`` rows of the constant prediction fitted on ``train_labels`` (NaN = unlabelled), in the evaluation's
+    format, and the label names to evaluate it with: class frequencies (multiclass), the positive rate (binary),
+    per-label prevalences (multilabel) or the mean (regression)."""
+    train = np.asarray(train_labels, dtype=np.float64)
+    if task.type == "regression":
+        return np.full(n, np.nanmean(train)), [task.name]
+    if task.type == "multiclass":
+        counts = np.bincount(train[~np.isnan(train)].astype(int), minlength=len(task.names))
+        return np.tile(counts / counts.sum(), (n, 1)), list(task.names)
+    if task.type == "binary":
+        return np.full(n, np.nanmean(train)), [task.names[-1] if task.names else task.name]
+    return np.tile(np.nanmean(train, axis=0), (n, 1)), list(task.names)
+
+
+def constant_predictor_headlines(
+    data_dir: str | os.PathLike, task_names: Sequence[str], *, seed: int = 0, train: str = "train", test: str = "test"
+) -> dict[str, Any]:
+    """Per task, the ``test`` headline metric of a constant predictor fitted on the ``train`` part of a prepared
+    dataset folder (:func:`constant_predictions`), computed with the same metric code as the ensemble's:
+    ``{task: {"metric", "value", "fit_on", "prediction"}}`` (``prediction``: the constant, rounded)."""
+    dataset, meta = load_dataset_dir(data_dir)
+    out = {}
+    for name in task_names:
+        info = meta.task(name)
+        train_labels = label_arrays(_label_rows(dataset[train], name), [info])[name].astype(np.float64)
+        test_labels = label_arrays(_label_rows(dataset[test], name), [info])[name].astype(np.float64)
+        constant, names = constant_predictions(info, train_labels, len(test_labels))
+        result = evaluate_task(
+            info.type, names, test_labels, constant, bootstrap=BootstrapConfig(n_resamples=0, seed=seed)
+        )
+        metric, value, _ = headline(result)
+        out[name] = {"metric": metric, "value": value, "fit_on": train, "prediction": _describe_constant(constant)}
+    return out
+
+
+def _label_rows(part: Any, column: str) -> list[dict[str, Any]]:
+    values = part.select_columns([column]).with_format("numpy")[column]
+    return [{column: value} for value in values]
+
+
+def _describe_constant(constant: np.ndarray) -> Any:
+    first = constant[0] if len(constant) else constant
+    return [round(float(v), 4) for v in first] if getattr(first, "ndim", 0) else round(float(first), 4)
 
 
 def _readable_embeddings(embeddings: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:

@@ -157,6 +157,20 @@ class EvaluationSummary:
         default_factory=dict, metadata={"help": "Task -> the expert chosen on validation as the best single one."}
     )
 
+    @classmethod
+    def from_evaluation(
+        cls, evaluation: Mapping[str, Any], split: str, dataset: str | None = None
+    ) -> EvaluationSummary:
+        """The summary of an :func:`enecg.evaluation.runner.evaluate_ensemble` result: task results, paired
+        differences to the baselines and the validation-chosen single expert."""
+        return cls(
+            split=split,
+            tasks=evaluation["tasks"],
+            dataset=dataset,
+            paired=evaluation.get("paired") or {},
+            best_single_expert=(evaluation.get("baseline_details") or {}).get("best_single_expert") or {},
+        )
+
 
 @dataclass
 class EnsembleCardContext:

@@ -1,4 +1,5 @@
-"""Publishing an ensemble: save it (when given the model), give it a card for its repo, push it in one commit.
+"""Publishing an ensemble: save it (when given the model), give it a card for its repo, push it in one commit;
+and publishing an in-house expert folder with its card (:func:`push_expert`).
 
 :func:`push_ensemble` is what ``hub.push: true`` in a recipe and ``enecg push`` call; :func:`save_ensemble` saves a
 model with its card (``Ensemble.save_pretrained`` writes weights, config and adapters only). The upload itself
@@ -33,14 +34,17 @@ from enecg.ensemble.serialization import (
     resolved_config,
     save_pretrained,
 )
+from enecg.experts import load_expert
 from enecg.experts.spec import SpecError, bundled_specs
 from enecg.hub.cards import (
     EnsembleCardContext,
+    ExpertCardContext,
     ExpertCardInfo,
     TaskCardInfo,
     extract_python_snippet,
     load_card_context,
     render_ensemble_card,
+    render_expert_card,
     save_card,
 )
 from enecg.hub.upload import PushError, PushResult, push_folder
@@ -51,6 +55,8 @@ UNKNOWN_FAMILY = "unknown"
 UNKNOWN_LICENCE = (
     "unknown"  # not a licence id: the licence rules turn it into `other`, for a person to review
 )
+# The pretraining settings (``metrics.json`` of a pretrained expert) an expert card shows.
+PRETRAINING_CARD_KEYS = ("objective", "max_steps", "batch_size", "lr", "window_length", "seed")
 
 
 def expert_card_info(ref: Any) -> ExpertCardInfo:
@@ -259,6 +265,46 @@ def push_ensemble(
     )
 
 
+def expert_card_context(folder: str | os.PathLike, repo_id: str, **fields: Any) -> ExpertCardContext:
+    """The card context of an in-house expert folder (as ``enecg pretrain`` writes it) pushed to ``repo_id``: the
+    expert as it loads (family, licence, contract, embedding size, description) and its architecture config
+    (``config.json``); a ``training`` summary without hyperparameters gets the pretraining settings recorded in
+    ``metrics.json`` (:data:`PRETRAINING_CARD_KEYS`). ``fields`` sets any other
+    :class:`~enecg.hub.cards.ExpertCardContext` field (architecture, datasets, tags...)."""
+    folder = Path(folder)
+    expert = load_expert(folder)
+    info = ExpertCardInfo.from_dict({**expert.describe(), "hub_id": repo_id})
+    info.description = expert.spec.description
+    training = fields.pop("training", None)
+    if training is not None and not training.hyperparameters:
+        metrics = json.loads((folder / "metrics.json").read_text())
+        pretraining = metrics.get("pretraining_config", {})
+        training = dataclasses.replace(
+            training, hyperparameters={key: pretraining.get(key) for key in PRETRAINING_CARD_KEYS}
+        )
+    fields.setdefault("description", expert.spec.description)
+    fields.setdefault(
+        "architecture_config", dict(json.loads((folder / "config.json").read_text()).get("config", {}))
+    )
+    return ExpertCardContext(repo_id=repo_id, expert=info, training=training, **fields)
+
+
+def push_expert(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    card_context: ExpertCardContext | None = None,
+    commit_message: str | None = None,
+    **options: Any,
+) -> PushResult | None:
+    """Publish an in-house expert folder to ``repo_id`` in one commit: its card (``card_context``, default
+    :func:`expert_card_context`) is rendered into ``folder/README.md`` first, so the folder on disk and the repo
+    hold the same files. ``options`` go to :func:`enecg.hub.upload.push_folder` (private, token, revision...)."""
+    context = card_context if card_context is not None else expert_card_context(folder, repo_id)
+    save_card(render_expert_card(context), folder)
+    return push_folder(folder, repo_id, commit_message=commit_message, **options)
+
+
 def _save_and_push(
     ensemble: Ensemble,
     folder: Path,
@@ -297,8 +343,10 @@ __all__ = [
     "card_loads",
     "default_card",
     "ensemble_card_context",
+    "expert_card_context",
     "expert_card_info",
     "push_ensemble",
+    "push_expert",
     "save_ensemble",
     "update_card",
 ]

@@ -3,7 +3,7 @@
 :func:`read_record` reads any single-segment WFDB record (``.hea`` + ``.dat``: PTB-XL, MIT-BIH style, any lead
 set and length) and PhysioNet/CinC Challenge records (``.hea`` + ``.mat`` holding ``val``), choosing the signal
 reader from the files the header names, and SPH records (``.h5``, :mod:`enecg.io.sph`). Signals are float32
-``(leads, samples)`` in mV.
+``(leads, samples)`` in mV. :func:`write_wfdb` writes a record back as WFDB.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ from enecg.io.checks import check_signal, check_timing
 from enecg.io.comments import comment_metadata
 from enecg.io.header import WfdbHeader, read_header
 from enecg.io.signals import millivolt_factors, read_dat_signal, read_mat_signal
+from enecg.io.sph import read_sph_record
+from enecg.io.writer import write_wfdb
 from enecg.leads import canonical_lead_name
 from enecg.record import ECGRecord, RecordError
 
-__all__ = ["ECGRecord", "RecordError", "WfdbHeader", "header_path", "read_header", "read_record"]
+__all__ = ["ECGRecord", "RecordError", "WfdbHeader", "header_path", "read_header", "read_record", "write_wfdb"]
 
 _RECORD_SUFFIXES = (".hea", ".dat", ".mat")
 _HDF5_SUFFIXES = (".h5", ".hdf5")
@@ -50,8 +52,6 @@ def read_record(path: str | Path) -> ECGRecord:
         RecordError: one line naming the file and the problem.
     """
     if Path(path).suffix.lower() in _HDF5_SUFFIXES:
-        from enecg.io.sph import read_sph_record
-
         return read_sph_record(path)
     hea = header_path(path)
     header = read_header(hea)

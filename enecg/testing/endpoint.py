@@ -18,13 +18,17 @@ do not use it from concurrent threads with different endpoints.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 _MISSING = object()
+# huggingface_hub is imported inside the functions, not here: it reads HF_ENDPOINT / HF_HUB_CACHE once, at its own
+# import, so importing this module must leave that moment to the caller (who may set the variables first).
 
 
 def _validated_endpoint(url: str) -> str:
@@ -114,6 +118,26 @@ def use_endpoint(url: str | None, *, offline: bool = False) -> Iterator[str | No
         patcher.restore()
 
 
+@contextmanager
+def fresh_hub_cache(path: str | os.PathLike) -> Iterator[Path]:
+    """Empty ``path`` and make it ``huggingface_hub``'s default cache inside the ``with`` block, so every download
+    really goes through the Hub protocol (nothing answered from an older cache). Patches
+    ``constants.HF_HUB_CACHE`` and the ``HF_HUB_CACHE`` environment variable (for subprocesses); both are
+    restored on exit, also after an exception. Yields the cache folder."""
+    from huggingface_hub import constants
+
+    path = Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    patcher = _Patcher()
+    try:
+        patcher.setattr(constants, "HF_HUB_CACHE", str(path))
+        patcher.setenv("HF_HUB_CACHE", str(path))
+        yield path
+    finally:
+        patcher.restore()
+
+
 def current_endpoint() -> str:
     """The endpoint ``huggingface_hub`` uses right now (``HF_ENDPOINT`` or a :func:`use_endpoint` override)."""
     from huggingface_hub import constants
@@ -121,4 +145,4 @@ def current_endpoint() -> str:
     return constants.ENDPOINT
 
 
-__all__ = ["current_endpoint", "use_endpoint"]
+__all__ = ["current_endpoint", "fresh_hub_cache", "use_endpoint"]
