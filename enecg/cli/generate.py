@@ -29,9 +29,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     commands = parser.add_subparsers(dest="generate_command", metavar="ACTION", required=True)
 
-    train = commands.add_parser("train", help="Train a conditional diffusion model from a YAML recipe.")
+    train = commands.add_parser("train", help="Train a generative model (recipe key kind: diffusion | beat) from a YAML recipe.")
     train.add_argument(
-        "recipe", type=Path, help="YAML recipe of GenerativeConfig keys (recipes/generate_*.yaml)."
+        "recipe",
+        type=Path,
+        help="YAML recipe: `kind` (diffusion, the default, or beat) + that kind's config keys "
+        "(GenerativeConfig / BeatConfig; recipes/generate_*.yaml).",
     )
     train.add_argument(
         "overrides",
@@ -94,22 +97,27 @@ def _overrides(items: list[str]) -> dict[str, Any]:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from enecg.generative.train import GenerativeConfig, train_diffusion
+    from enecg.generative.base import train_from_recipe
 
-    config = GenerativeConfig.from_yaml(args.recipe, _overrides(args.overrides))
-    folder = train_diffusion(config)
+    # The recipe's `kind` key (default diffusion) picks the registered model kind that trains it.
+    folder = train_from_recipe(args.recipe, _overrides(args.overrides))
     metrics = json.loads((folder / "metrics.json").read_text())
-    print(f"model saved to {folder} (loss {metrics['first_loss']:.4f} -> {metrics['final_loss']:.4f})")
+    detail = (
+        f"loss {metrics['first_loss']:.4f} -> {metrics['final_loss']:.4f}"
+        if "final_loss" in metrics
+        else f"{metrics.get('records_used', metrics.get('records'))} records"
+    )
+    print(f"model saved to {folder} ({detail})")
     return 0
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from enecg.generative.model import load_diffusion
+    from enecg.generative.base import load_generative
     from enecg.generative.sampling import sample_to_folder
 
     if args.n < 1:  # before loading anything
         raise ValueError(f"--n must be at least 1, got {args.n}")
-    model = load_diffusion(args.model)
+    model = load_generative(args.model)
     names = sample_to_folder(
         model,
         args.label,

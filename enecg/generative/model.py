@@ -37,6 +37,7 @@ from torch import nn
 
 from enecg.contract import InputContract, apply_contract_array
 from enecg.data.schema import SYNTHETIC_PREFIX, is_synthetic  # noqa: F401  (re-exported)
+from enecg.generative.base import register_generative
 from enecg.record import ECGRecord
 from enecg.utils.files import write_text_atomic
 
@@ -146,8 +147,11 @@ class DiffusionSpec:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+@register_generative
 class ECGDiffusion(nn.Module):
     """Conditional noise predictor + schedulers; see the module docstring."""
+
+    kind = "diffusion"  # generative model kind (enecg.generative.base)
 
     def __init__(self, spec: DiffusionSpec) -> None:
         super().__init__()
@@ -380,6 +384,29 @@ class ECGDiffusion(nn.Module):
 
     def _device(self) -> torch.device:
         return next(self.parameters()).device
+
+    # ------------------------------------------------------------------ generative model kind (base.py)
+    @classmethod
+    def load_folder(cls, folder: Path) -> ECGDiffusion:
+        """The model saved in a local folder."""
+        return load_diffusion(folder)
+
+    @classmethod
+    def train_recipe(cls, data: dict[str, Any], source: str) -> Path:
+        """Train from a recipe's keys (:class:`~enecg.generative.train.GenerativeConfig`); the saved folder."""
+        from enecg.generative.train import GenerativeConfig, train_diffusion  # train.py builds on this module
+
+        return train_diffusion(GenerativeConfig.from_dict(data, source))
+
+    def anomaly_scores(self, records: list[ECGRecord], **options: Any) -> np.ndarray:
+        """Denoising error per record (:func:`enecg.generative.anomaly.score_anomaly` with ``options``)."""
+        from enecg.generative.anomaly import score_anomaly  # anomaly.py builds on this module
+
+        return score_anomaly(self, records, **options)
+
+    def card(self, metrics: dict[str, Any]) -> str:
+        """The model card for these metrics."""
+        return model_card(self.spec, metrics)
 
 
 def _rows(values: np.ndarray | None, rows: slice) -> torch.Tensor | None:
