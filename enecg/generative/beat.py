@@ -2,10 +2,11 @@
 
 **Fit** (:func:`train_beat`, training parts only). Each real record is reduced to a feature vector
 (:func:`beat_features`): R peaks (wfdb's ``xqrs_detect`` on lead II, refined to the multi-lead QRS energy peak),
-the median beat of every lead in a window around R (``pre_s`` .. ``post_s``, after a 0.5 Hz high-pass), and five
+the median beat of every lead in a window around R (``pre_s`` .. ``post_s``, after a 0.5 Hz high-pass), and six
 scalars: log mean RR, log RR coefficient of variation, log RMSSD / mean RR (successive differences: irregular
-rhythms have RMSSD ~ sqrt(2) x SD, regular ones far less), log noise level (robust SD of the beats around the
-median beat) and log baseline-wander level (SD of the < 0.5 Hz part). A record where fewer than three R peaks (two
+rhythms have RMSSD ~ sqrt(2) x SD, regular ones far less), log noise level (robust SD of the sample-to-sample
+differences of the beats around the median beat, outside the QRS), log baseline-wander level (SD of the < 0.5 Hz
+part) and log SD of the beats' gains on the median beat. A record where fewer than three R peaks (two
 whole beats) are found is skipped and counted (``metrics.json``: ``skipped_no_beats``).
 
 The beats go through a PCA (scikit-learn) to ``components`` dimensions, whitened; with the standardised scalars they
@@ -19,7 +20,8 @@ sampling uses the same kind of fit of ``z`` over all training records.
 an RR sequence (log-normal intervals with the drawn mean and CV; an AR(1) correlation set from the ratio of RMSSD to
 SD, so AFIB-like scalars give independent, irregular intervals), beats placed on it and joined by overlap-add (each
 beat owns the span from shortly before its R to shortly before the next beat's, with 40 ms linear cross-fades),
-baseline wander (a few slow sinusoids per lead) and white noise at the drawn levels. Record ``i`` of a call uses
+each beat scaled by a random gain (the drawn gain SD), baseline wander (a few slow sinusoids per lead) and white
+noise at the drawn levels. Record ``i`` of a call uses
 the random stream ``(seed, i)``: the same seed gives the same records whatever the batch.
 ``guidance_scale`` s moves the latent mean to ``mu_uncond + s * (mu_cond - mu_uncond)`` (1: the fitted model).
 
@@ -60,7 +62,7 @@ from enecg.utils.files import write_text_atomic
 logger = logging.getLogger(__name__)
 
 BEAT_MODEL_TYPE = "enecg-ecg-beat"
-RHYTHM_FEATURES = ("log_rr_s", "log_rr_cv", "log_rmssd_ratio", "log_noise_mv", "log_wander_mv")
+RHYTHM_FEATURES = ("log_rr_s", "log_rr_cv", "log_rmssd_ratio", "log_noise_mv", "log_wander_mv", "log_gain_sd")
 # Floors inside the logs: a perfectly regular or noiseless record stays finite (and near the real minimum).
 _RR_FLOOR, _LEVEL_FLOOR = 0.005, 1e-3
 HIGHPASS_HZ = 0.5
@@ -149,8 +151,11 @@ class BeatConfig(ConfigMixin):
     components: int = field(default=24, metadata={"help": "PCA dimensions of the median beats."})
     ridge_alpha: float = field(default=1.0, metadata={"help": "Ridge penalty of condition -> latent mean."})
     mixture_components: int = field(
-        default=1,
-        metadata={"help": "Gaussian-mixture components of the residual around the conditional mean (1: Gaussian)."},
+        default=16,
+        metadata={
+            "help": "Gaussian-mixture components of the residual around the conditional mean (1: Gaussian; a "
+            "single Gaussian as well when there are fewer than 4 records per component)."
+        },
     )
     anomaly_components: int = field(default=8, metadata={"help": "PCA dimensions of the anomaly model."})
     normal_label: str | None = field(
@@ -222,12 +227,16 @@ def beat_features(
     steps = steps[:, :, ~qrs]
     noise = float(np.median(1.4826 * np.median(np.abs(steps), axis=(0, 2))) / math.sqrt(2))
     wander = float(np.mean(np.std(signal - filtered, axis=1)))
+    # Beat-to-beat amplitude variation (respiration, electrode contact): SD of each beat's least-squares gain on
+    # the median beat.
+    gains = (beats * beat).sum(axis=(1, 2)) / max(float((beat**2).sum()), 1e-9)
+    gain_sd = float(np.std(gains))
     rr = np.diff(refined) / fs
     mean_rr = float(rr.mean())
     cv = float(rr.std() / mean_rr)
     rmssd = float(np.sqrt(np.mean(np.diff(rr) ** 2)) / mean_rr) if len(rr) > 1 else 0.0
     rhythm = np.log(
-        [mean_rr, cv + _RR_FLOOR, rmssd + _RR_FLOOR, noise + _LEVEL_FLOOR, wander + _LEVEL_FLOOR]
+        [mean_rr, cv + _RR_FLOOR, rmssd + _RR_FLOOR, noise + _LEVEL_FLOOR, wander + _LEVEL_FLOOR, gain_sd + _RR_FLOOR]
     )
     return BeatFeatures(beat=beat.astype(np.float32), rhythm=rhythm.astype(np.float32))
 
@@ -381,6 +390,7 @@ class BeatModel:
         rmssd = float(np.clip(np.exp(rhythm[2]) - _RR_FLOOR, 0.0, 0.5))
         noise = float(np.clip(np.exp(rhythm[3]) - _LEVEL_FLOOR, 0.0, 0.5))
         wander = float(np.clip(np.exp(rhythm[4]) - _LEVEL_FLOOR, 0.0, 1.0))
+        gain_sd = float(np.clip(np.exp(rhythm[5]) - _RR_FLOOR, 0.0, 0.3))
         # RR intervals: log-normal with the drawn mean and CV, AR(1)-correlated so that the RMSSD / SD ratio is
         # the drawn one (uncorrelated = sqrt(2): irregular, e.g. AFIB; highly correlated = smooth variability).
         phi = float(np.clip(1.0 - 0.5 * (rmssd / max(cv, 1e-3)) ** 2, -0.5, 0.95))
@@ -399,6 +409,7 @@ class BeatModel:
         weight = np.zeros(length)
         offsets = np.arange(-pre, post)
         ramp = max(1, round(CROSSFADE_S * fs))
+        gains = np.clip(1.0 + gain_sd * rng.standard_normal(len(centres)), 0.5, 1.5)
         for j, centre in enumerate(centres):
             # This beat owns [centre - own_pre, own_end); outside it its weight ramps down over `ramp` samples.
             before = centre - centres[j - 1] if j else pre
@@ -408,7 +419,7 @@ class BeatModel:
             w = np.clip(1.0 + np.minimum(offsets + own_pre, own_post - 1 - offsets) / ramp, 0.0, 1.0)
             at = centre + offsets
             inside = (at >= 0) & (at < length)
-            signal[:, at[inside]] += beat[:, inside] * w[inside]
+            signal[:, at[inside]] += gains[j] * beat[:, inside] * w[inside]
             weight[at[inside]] += w[inside]
         signal /= np.maximum(weight, 1.0)
         t = np.arange(length) / fs
