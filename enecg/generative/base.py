@@ -73,6 +73,41 @@ class GenerativeModel(Protocol):
         """The Hub model card (README.md) for these metrics (training, and evaluation when recorded)."""
 
 
+def card_text(
+    title: str, description: str, tags: list[str], metrics: dict[str, Any], load_hint: str, fit_heading: str
+) -> str:
+    """A generative model's Hub card: front matter, what it generates (``description``), the synthetic-data
+    warning, its fit/training metrics and its evaluation (``metrics["evaluation"]``, when recorded)."""
+    evaluation = metrics.get("evaluation")
+    lines = [
+        "---",
+        "library_name: enecg",
+        f"tags: [{', '.join(tags)}]",
+        "---",
+        f"# {title}",
+        "",
+        description,
+        "",
+        "Samples are **synthetic**: `enecg generate sample` marks them in their WFDB header comments and in the "
+        "dataset `source` column (`synthetic:<model>`), and enecg refuses them in validation/test parts.",
+        "",
+        f"## {fit_heading}",
+        "",
+        "```json",
+        json.dumps({k: v for k, v in metrics.items() if k != "evaluation"}, indent=2, default=str),
+        "```",
+        "",
+        "## Evaluation",
+        "",
+        "```json\n" + json.dumps(evaluation, indent=2, default=str) + "\n```"
+        if evaluation
+        else "Not evaluated yet (`enecg generate evaluate`).",
+        "",
+        f"Load: {load_hint}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def load_generative(source: str | os.PathLike, revision: str | None = None) -> Any:
     """Load a saved generative model of any registered kind from a folder or a Hub ID.
 

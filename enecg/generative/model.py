@@ -37,7 +37,7 @@ from torch import nn
 
 from enecg.contract import InputContract, apply_contract_array
 from enecg.data.schema import SYNTHETIC_PREFIX, is_synthetic  # noqa: F401  (re-exported)
-from enecg.generative.base import register_generative
+from enecg.generative.base import card_text, register_generative
 from enecg.record import ECGRecord
 from enecg.utils.files import write_text_atomic
 
@@ -432,37 +432,20 @@ def save_diffusion(
 
 def model_card(spec: DiffusionSpec, metrics: dict[str, Any]) -> str:
     """A Hub model card: what the model generates, how it was trained, and its evaluation (when recorded)."""
-    evaluation = metrics.get("evaluation")
-    lines = [
-        "---",
-        "library_name: enecg",
-        "tags: [ecg, diffusion, synthetic-data, enecg]",
-        "---",
-        f"# ECG diffusion model: {spec.task}",
-        "",
+    description = (
         f"Conditional 1-D diffusion model (diffusers UNet1DModel, DDPM training, DDIM sampling) of "
         f"{len(spec.leads)}-lead ECG at {spec.fs:g} Hz, {spec.length} samples, conditioned on the labels "
         f"{spec.label_names} ({spec.task_type}){' and age/sex' if spec.use_age_sex else ''}. "
-        f"Trained on the training part of `{spec.source}` only.",
-        "",
-        "Samples are **synthetic**: `enecg generate sample` marks them in their WFDB header comments and in the "
-        "dataset `source` column (`synthetic:<model>`), and enecg refuses them in validation/test parts.",
-        "",
-        "## Training",
-        "",
-        "```json",
-        json.dumps({k: v for k, v in metrics.items() if k != "evaluation"}, indent=2, default=str),
-        "```",
-        "",
-        "## Evaluation",
-        "",
-        "```json\n" + json.dumps(evaluation, indent=2, default=str) + "\n```"
-        if evaluation
-        else "Not evaluated yet (`enecg generate evaluate`).",
-        "",
-        "Load: `from enecg.generative import load_diffusion; load_diffusion('<folder or Hub ID>')`.",
-    ]
-    return "\n".join(lines) + "\n"
+        f"Trained on the training part of `{spec.source}` only."
+    )
+    return card_text(
+        f"ECG diffusion model: {spec.task}",
+        description,
+        ["ecg", "diffusion", "synthetic-data", "enecg"],
+        metrics,
+        "`from enecg.generative import load_diffusion; load_diffusion('<folder or Hub ID>')`",
+        "Training",
+    )
 
 
 def resolve_folder(source: str | os.PathLike, revision: str | None = None) -> Path:
