@@ -84,9 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--components", type=int, default=24, help="beat: PCA dimensions of the median beats.")
     parser.add_argument(
-        "--mixture-components", type=int, default=16, help="beat: Gaussian-mixture components of the residual."
+        "--mixture-components", type=int, default=8, help="beat: Gaussian-mixture components of the residual."
     )
-    parser.add_argument("--anomaly-components", type=int, default=8, help="beat: PCA dimensions (NORM).")
+    parser.add_argument("--anomaly-components", type=int, default=32, help="beat: PCA dimensions (NORM).")
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "ptbxl500")
     parser.add_argument("--folds", default="4", help="Test fold groups (0-4), comma-separated.")
     parser.add_argument("--steps", type=int, default=1000, help="Training steps per model.")

@@ -96,7 +96,7 @@ class BeatSpec(ConfigMixin):
     pre_s: float = field(default=0.25, metadata={"help": "Beat window start, seconds before R."})
     post_s: float = field(default=0.45, metadata={"help": "Beat window end, seconds after R."})
     components: int = field(default=24, metadata={"help": "PCA dimensions of the median beats."})
-    anomaly_components: int = field(default=8, metadata={"help": "PCA dimensions of the anomaly model."})
+    anomaly_components: int = field(default=32, metadata={"help": "PCA dimensions of the anomaly model."})
     normal_label: str | None = field(
         default="NORM", metadata={"help": "Label whose records fit the anomaly model (null: no anomaly model)."}
     )
@@ -153,13 +153,13 @@ class BeatConfig(ConfigMixin):
     components: int = field(default=24, metadata={"help": "PCA dimensions of the median beats."})
     ridge_alpha: float = field(default=1.0, metadata={"help": "Ridge penalty of condition -> latent mean."})
     mixture_components: int = field(
-        default=16,
+        default=8,
         metadata={
             "help": "Gaussian-mixture components of the residual around the conditional mean (1: Gaussian; a "
             "single Gaussian as well when there are fewer than 4 records per component)."
         },
     )
-    anomaly_components: int = field(default=8, metadata={"help": "PCA dimensions of the anomaly model."})
+    anomaly_components: int = field(default=32, metadata={"help": "PCA dimensions of the anomaly model."})
     normal_label: str | None = field(
         default="NORM", metadata={"help": "Label of the records fitting the anomaly model (null: none)."}
     )
