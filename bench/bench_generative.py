@@ -114,7 +114,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="Reported anomaly score: NORM-conditioned minus unconditioned error.",
     )
-    parser.add_argument("--n-synthetic", type=int, default=120, help="Synthetic records for FD / TSTR.")
+    parser.add_argument(
+        "--n-synthetic",
+        type=int,
+        default=120,
+        help="Synthetic records for FD / TSTR (0: as many as labelled real training records).",
+    )
     parser.add_argument(
         "--augment", default="HYP", help="Rare labels for the augmentation probe (comma list)."
     )
@@ -199,7 +204,7 @@ def run_fold(args: argparse.Namespace, data: Path, expert: Path, fold: int, work
                 out=str(work / f"eval_{fold}_g{guidance:g}"),
                 train_parts=train_parts,
                 test_part=test,
-                n_synthetic=args.n_synthetic,
+                n_synthetic=args.n_synthetic or None,
                 augment_labels=tuple(x for x in args.augment.split(",") if x),
                 augment_n=args.augment_n,
                 guidance_scale=guidance,
@@ -264,7 +269,7 @@ def run_beat_fold(args: argparse.Namespace, data: Path, expert: Path, fold: int,
             out=str(work / f"eval_beat_{fold}"),
             train_parts=train_parts,
             test_part=test,
-            n_synthetic=args.n_synthetic,
+            n_synthetic=args.n_synthetic or None,
             augment_labels=tuple(x for x in args.augment.split(",") if x),
             augment_n=args.augment_n,
             guidance_scale=args.guidance_scale,

@@ -49,12 +49,11 @@ from typing import Any, ClassVar
 import numpy as np
 
 from enecg.contract import InputContract, apply_contract_array
-from enecg.data.build import load_dataset_dir
-from enecg.data.schema import EVALUATION_PARTS, is_synthetic
+from enecg.data.schema import EVALUATION_PARTS
 from enecg.generative.base import card_text, register_generative
 from enecg.generative.evaluate import r_peaks
 from enecg.generative.model import CARD_FILE, CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE
-from enecg.generative.train import label_matrix
+from enecg.generative.train import read_training_rows, rows_to_arrays
 from enecg.record import ECGRecord
 from enecg.utils.config import ConfigMixin
 from enecg.utils.files import write_text_atomic
@@ -635,29 +634,13 @@ def fit_beat_model(
     return model, stats
 
 
-def read_training_part(
-    data: str, parts: tuple[str, ...], task_name: str, max_records: int | None = None
-) -> tuple[list[dict[str, Any]], Any, Any]:
-    """The real (non-synthetic) rows of a dataset's training ``parts``, the task and the dataset metadata."""
-    loaded, meta = load_dataset_dir(data)
-    missing = [p for p in parts if p not in loaded]
-    if missing:
-        raise ValueError(f"{data}: no part(s) {missing}; parts: {sorted(loaded)}")
-    task = meta.task(task_name)
-    rows = [row for part in parts for row in loaded[part] if not is_synthetic(row["source"])]
-    rows = rows[:max_records] if max_records else rows
-    if not rows:
-        raise ValueError(f"{data}: no real records in parts {list(parts)}")
-    return rows, task, meta
-
-
 def train_beat(config: BeatConfig) -> Path:
     """Fit and save a beat model; returns its folder (``metrics.json``: records used and skipped, seconds)."""
     out = Path(config.output_dir)
     if (out / CONFIG_FILE).is_file() and not config.overwrite:
         raise ValueError(f"{out}: already holds a model; set overwrite: true or choose another output_dir")
     started = time.time()
-    rows, task, meta = read_training_part(config.data, config.parts, config.task, config.max_records)
+    rows, task, meta = read_training_rows(config.data, config.parts, config.task, config.max_records)
     fs = float(config.fs or rows[0]["fs"])
     spec = BeatSpec(
         task=task.name,
@@ -674,24 +657,14 @@ def train_beat(config: BeatConfig) -> Path:
         normal_label=config.normal_label,
         source=f"{meta.source} ({Path(config.data).name}, parts {list(config.parts)})",
     )
-    contract = spec.contract()
-    signals = np.stack(
-        [
-            apply_contract_array(
-                np.asarray(r["signal"], np.float32), r["fs"], r["leads"], contract, source=r["record_id"]
-            ).windows[0]
-            for r in rows
-        ]
-    )
-    labels = label_matrix([r[task.name] for r in rows], task)
-    ages = np.asarray([np.nan if r["age"] is None else r["age"] for r in rows], np.float64)
-    sexes = np.asarray([np.nan if r["sex"] is None else r["sex"] for r in rows], np.float64)
+    arrays = rows_to_arrays(rows, task, spec.contract())
+    labels = arrays.labels
     model, stats = fit_beat_model(
         spec,
-        signals,
+        arrays.signals,
         labels,
-        ages,
-        sexes,
+        arrays.age.astype(np.float64),
+        arrays.sex.astype(np.float64),
         ridge_alpha=config.ridge_alpha,
         mixture_components=config.mixture_components,
         seed=config.seed,
