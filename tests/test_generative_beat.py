@@ -264,3 +264,38 @@ def test_example_beat_recipe_keys_are_config_fields() -> None:
     assert data.pop("kind") == "beat"
     config = BeatConfig.from_dict(data)
     assert config.parts == ("train",) and config.seconds == 10.0
+
+
+def test_cli_evaluate_reports_a_beat_model_and_its_card(
+    fitted: Path, ptbxl_training_dataset: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    import torch
+
+    from enecg.cli import main
+    from enecg.contract import InputContract
+    from enecg.experts.families.light import LightCNNConfig, build_light_model
+    from enecg.experts.inhouse import save_inhouse_expert
+
+    config = LightCNNConfig(architecture="SimpleNet", width_multiplier=0.25, embedding_dim=8)
+    torch.manual_seed(0)
+    expert = save_inhouse_expert(
+        build_light_model(config),
+        family="light",
+        config=config,
+        contract=InputContract(fs=100.0, length=1000, scaling="zscore_lead"),
+        folder=tmp_path / "expert",
+        name="tiny",
+    )
+    model = tmp_path / "model"
+    shutil.copytree(fitted, model)
+    out = tmp_path / "eval"
+    argv = ["generate", "evaluate", str(model), "--data", str(ptbxl_training_dataset), "--expert", str(expert)]
+    assert main([*argv, "--out", str(out), "--n-synthetic", "24", "--augment", "HYP", "--augment-n", "8"]) == 0
+    result = json.loads((out / "evaluation.json").read_text())
+    assert result["summary"]["frechet_ratio"] > 0 and 0 <= result["summary"]["tstr_macro_auroc"] <= 1
+    assert result["heart_rate"]["synthetic"]["detected"] > 0.9  # beats, found by xqrs
+    assert result["augmentation"]["HYP"]["n_synthetic"] == 8
+    card = (model / "README.md").read_text()
+    assert "beat-template" in card and "frechet_ratio" in card
