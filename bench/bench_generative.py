@@ -1,15 +1,18 @@
-"""Generative ECG benchmark on the PTB-XL sample (issue 13 targets), one JSON: ``bench/results/generative.json``.
+"""Generative ECG benchmark on the PTB-XL sample (issue 13 targets), one JSON: ``bench/results/generative.json``
+(``--kind beat``: the beat-template model, ``bench/results/generative_beat.json``).
 
 Per evaluated fold group (PTB-XL-500 at 100 Hz, ``kfold=5`` groups of ``strat_fold``; the test fold is never
 read by training or sampling):
 
-1. train a label-conditional diffusion model (:mod:`enecg.generative`) on the other four fold groups, conditioned
-   on the diagnostic superclasses and age/sex;
+1. train a label-conditional diffusion model (:mod:`enecg.generative`; ``--kind beat``: fit the beat-template
+   model, :mod:`enecg.generative.beat`) on the other four fold groups, conditioned on the diagnostic superclasses
+   and age/sex;
 2. ``evaluate_samples``: Fréchet distance of a frozen expert's embeddings, synthetic vs real test, and the
    real-vs-real floor; heart rate and QRS width (xqrs R peaks) and spectra; TSTR vs TRTR macro AUROC of
    logistic probes on the embeddings; the rare label(s) (``--augment``, default HYP) refitted with synthetic
    records added;
-3. ``evaluate_anomaly``: the denoising-error score as NORM vs abnormal AUROC on the test fold.
+3. ``evaluate_anomaly``: the model's anomaly score (diffusion: denoising error; beat: minus the log-likelihood
+   under the NORM records' probabilistic PCA) as NORM vs abnormal AUROC on the test fold.
 
 Targets checked (``targets`` in the JSON, each with ``met``): TSTR >= 0.9 x TRTR; anomaly AUROC >= 0.75;
 Fréchet ratio <= 2; the augmented label's AUROC gain, pooled over the fold groups, with a paired patient-level
@@ -24,6 +27,7 @@ Usage (repository root)::
     python bench/bench_generative.py --folds 0,1,2,3,4  # the reported CPU run: ~15 min on one core
     python bench/bench_generative.py --folds 0,1,2,3,4 --steps 5000 --length 1000   # GPU-sized
     python bench/bench_generative.py --quick            # pipeline check only
+    python bench/bench_generative.py --kind beat --folds 0,1,2,3,4 --augment HYP,CD,MI,STTC   # beat model
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ from enecg.experts.families.light import LightCNNConfig, build_light_model  # no
 from enecg.experts.inhouse import save_inhouse_expert  # noqa: E402
 from enecg.generative import GenerativeConfig, load_diffusion, train_diffusion  # noqa: E402
 from enecg.generative.anomaly import evaluate_anomaly  # noqa: E402
+from enecg.generative.base import load_generative  # noqa: E402
+from enecg.generative.beat import BeatConfig, train_beat  # noqa: E402
 from enecg.generative.evaluate import (  # noqa: E402
     SampleEvaluationConfig,
     augmentation_gain,
@@ -73,6 +79,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument(
+        "--kind", default="diffusion", choices=("diffusion", "beat"), help="Generative model kind to benchmark."
+    )
+    parser.add_argument("--components", type=int, default=24, help="beat: PCA dimensions of the median beats.")
+    parser.add_argument(
+        "--mixture-components", type=int, default=8, help="beat: Gaussian-mixture components of the residual."
+    )
+    parser.add_argument("--anomaly-components", type=int, default=32, help="beat: PCA dimensions (NORM).")
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "ptbxl500")
     parser.add_argument("--folds", default="4", help="Test fold groups (0-4), comma-separated.")
     parser.add_argument("--steps", type=int, default=1000, help="Training steps per model.")
@@ -100,7 +114,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="Reported anomaly score: NORM-conditioned minus unconditioned error.",
     )
-    parser.add_argument("--n-synthetic", type=int, default=120, help="Synthetic records for FD / TSTR.")
+    parser.add_argument(
+        "--n-synthetic",
+        type=int,
+        default=120,
+        help="Synthetic records for FD / TSTR (0: as many as labelled real training records).",
+    )
     parser.add_argument(
         "--augment", default="HYP", help="Rare labels for the augmentation probe (comma list)."
     )
@@ -110,7 +129,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--work", type=Path, help="Keep models and evaluations in this folder (default: a temporary one)."
     )
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "generative.json")
+    parser.add_argument(
+        "--out", type=Path, help="Result JSON (default bench/results/generative.json, generative_beat.json for beat)."
+    )
     return parser.parse_args(argv)
 
 
@@ -128,7 +149,28 @@ def random_expert(folder: Path) -> Path:
     )
 
 
+def fit_beat(args: argparse.Namespace, data: Path, train_parts: tuple[str, ...], folder: Path) -> dict[str, Any]:
+    """Fit the beat-template model; its training summary."""
+    train_beat(
+        BeatConfig(
+            data=str(data),
+            task="superclass",
+            output_dir=str(folder),
+            parts=train_parts,
+            components=args.components,
+            mixture_components=args.mixture_components,
+            anomaly_components=args.anomaly_components,
+            overwrite=True,
+        )
+    )
+    metrics = json.loads((folder / "metrics.json").read_text())
+    keep = ("records", "records_used", "skipped_no_beats", "anomaly_records", "pca_explained_variance_ratio")
+    return {k: metrics[k] for k in keep}
+
+
 def run_fold(args: argparse.Namespace, data: Path, expert: Path, fold: int, work: Path) -> dict[str, Any]:
+    if args.kind == "beat":
+        return run_beat_fold(args, data, expert, fold, work)
     test = f"fold_{fold}"
     train_parts = tuple(f"fold_{k}" for k in range(K) if k != fold)
     started = time.time()
@@ -162,7 +204,7 @@ def run_fold(args: argparse.Namespace, data: Path, expert: Path, fold: int, work
                 out=str(work / f"eval_{fold}_g{guidance:g}"),
                 train_parts=train_parts,
                 test_part=test,
-                n_synthetic=args.n_synthetic,
+                n_synthetic=args.n_synthetic or None,
                 augment_labels=tuple(x for x in args.augment.split(",") if x),
                 augment_n=args.augment_n,
                 guidance_scale=guidance,
@@ -212,6 +254,44 @@ def run_fold(args: argparse.Namespace, data: Path, expert: Path, fold: int, work
     }
 
 
+def run_beat_fold(args: argparse.Namespace, data: Path, expert: Path, fold: int, work: Path) -> dict[str, Any]:
+    """One fold group with the beat-template model (same measures as the diffusion path)."""
+    test = f"fold_{fold}"
+    train_parts = tuple(f"fold_{k}" for k in range(K) if k != fold)
+    started = time.time()
+    folder = work / f"beat_{fold}"
+    training = fit_beat(args, data, train_parts, folder) | {"seconds": round(time.time() - started, 1)}
+    evaluation = evaluate_samples(
+        SampleEvaluationConfig(
+            model=str(folder),
+            data=str(data),
+            expert=str(expert),
+            out=str(work / f"eval_beat_{fold}"),
+            train_parts=train_parts,
+            test_part=test,
+            n_synthetic=args.n_synthetic or None,
+            augment_labels=tuple(x for x in args.augment.split(",") if x),
+            augment_n=args.augment_n,
+            guidance_scale=args.guidance_scale,
+        )
+    )
+    anomaly = evaluate_anomaly(
+        load_generative(folder), data, part=test, bootstrap=BootstrapConfig(n_resamples=200)
+    )
+    return {
+        "test_part": test,
+        "train_parts": list(train_parts),
+        "training": training,
+        "samples": {
+            k: evaluation[k]
+            for k in ("summary", "sizes", "heart_rate", "qrs_width_ms", "tstr", "trtr", "augmentation")
+        },
+        "spectra_mean_abs_log10_difference": evaluation["spectra_mean_abs_log10_difference"],
+        "anomaly": anomaly,
+        "seconds": round(time.time() - started, 1),
+    }
+
+
 def targets(folds: list[dict[str, Any]]) -> dict[str, Any]:
     def mean(values: list[float]) -> float:
         finite = [v for v in values if v is not None and not math.isnan(v)]
@@ -250,6 +330,9 @@ def targets(folds: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.out is None:
+        name = "generative_beat.json" if args.kind == "beat" else "generative.json"
+        args.out = REPO / "bench" / "results" / name
     if args.quick:
         args.steps, args.length, args.channels, args.n_synthetic, args.augment_n = 3, 128, "8,16", 16, 4
         args.sample_steps = 2

@@ -178,7 +178,19 @@ ENSEMBLE_CYCLE = (
 LATE = "a required dependency or lower layer imported late for no current reason: move it to module level"
 # Files other engineers are editing now (issue 12): their local imports are listed as they are.
 IN_EDIT = "file under concurrent edit; left as it was"
+GENERATIVE_CYCLE = (
+    "cycle inside enecg.generative: the registry and the diffusion model's methods delegate to modules that "
+    "build on them (to fix: layering)"
+)
 LOCAL_IMPORTS_ALLOWED: dict[str, str] = {
+    "enecg/generative/base.py: enecg.generative.model": GENERATIVE_CYCLE,
+    "enecg/generative/model.py: enecg.generative.train": GENERATIVE_CYCLE,
+    "enecg/generative/model.py: enecg.generative.anomaly": GENERATIVE_CYCLE,
+    "enecg/generative/beat.py: scipy.signal": HEAVY,
+    "enecg/generative/beat.py: sklearn.decomposition": HEAVY,
+    "enecg/generative/beat.py: sklearn.covariance": HEAVY,
+    "enecg/generative/beat.py: sklearn.mixture": HEAVY,
+    "enecg/generative/beat.py: sklearn.linear_model": HEAVY,
     "enecg/data/__init__.py: enecg.data": LAZY_ATTRIBUTE + " (no datasets/wfdb for the schema)",
     "enecg/data/download.py: wfdb": LATE,
     "enecg/data/synthetic.py: enecg.contract": "its resampling imports scipy: deferred with the scipy import",

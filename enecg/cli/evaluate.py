@@ -165,7 +165,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--anomaly-model",
         metavar="MODEL",
         help="A generative model (enecg generate train; folder or Hub ID): add each record's anomaly score, its "
-        "denoising error (higher = less like the ECGs the model learned).",
+        "reconstruction error (diffusion: denoising error; beat: minus the log-likelihood under the normal "
+        "records' PCA; higher = less like the normal ECGs the model learned).",
     )
     _add_model_options(predict)
     predict.set_defaults(func=run_predict)
@@ -342,7 +343,7 @@ def run_predict(args: argparse.Namespace) -> int:
             continue
         print(f"{result.record_id} ({path}): leads {', '.join(result.leads)}")
         if path in anomaly:
-            print(f"  anomaly score (denoising error): {anomaly[path]:.4f}")
+            print(f"  anomaly score: {anomaly[path]:.4f}")
         for expert, seen in result.inputs.items():
             if seen.refused:
                 print(f"  {expert}: not used, cannot read this record ({seen.refused})")
@@ -373,15 +374,14 @@ def anomaly_scores(
     model_source: str, outcomes: list[tuple[str, Any, str | None]], lead_aliases: dict[str, str] | None = None
 ) -> dict[str, float]:
     """Path -> anomaly score (:func:`enecg.generative.anomaly.score_anomaly`) of every predicted record."""
-    from enecg.generative.anomaly import score_anomaly
-    from enecg.generative.model import load_diffusion
+    from enecg.generative.base import load_generative
     from enecg.io import read_record
 
     paths = [path for path, _, error in outcomes if error is None]
     records = [read_record(path) for path in paths]
     if lead_aliases:
         records = [record.with_lead_aliases(lead_aliases) for record in records]
-    scores = score_anomaly(load_diffusion(model_source), records) if records else []
+    scores = load_generative(model_source).anomaly_scores(records) if records else []
     return {path: float(score) for path, score in zip(paths, scores)}
 
 

@@ -34,14 +34,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     train = commands.add_parser(
         "train",
-        help="Train a conditional diffusion model from a YAML recipe.",
-        description="Train a conditional diffusion model from a YAML recipe; --KEY=VALUE flags after the recipe "
-        "override its keys (YAML values, --KEY VALUE too; unknown keys are errors). --help-config lists the keys "
-        "(GenerativeConfig fields) with their types, defaults and help.",
+        help="Train a generative model (recipe key kind: diffusion | beat) from a YAML recipe.",
+        description="Train a generative model from a YAML recipe: `kind` (diffusion, the default, or beat) + that "
+        "kind's config keys. --KEY=VALUE flags after the recipe override its keys (YAML values, --KEY VALUE too; "
+        "unknown keys are errors). --help-config lists the keys of the recipe's kind (GenerativeConfig / "
+        "BeatConfig) with their types, defaults and help.",
         allow_abbrev=False,  # `--dry` must be an (unknown) key, not a prefix of --dry-run
     )
     train.add_argument(
-        "recipe", type=Path, nargs="?", help="YAML recipe of GenerativeConfig keys (recipes/generate_*.yaml)."
+        "recipe", type=Path, nargs="?", help="YAML recipe: `kind` + that kind's config keys (recipes/generate_*.yaml)."
     )
     train.add_argument("--dry-run", action="store_true", help="Print the resolved config as YAML and exit.")
     train.add_argument(
@@ -93,31 +94,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from enecg.generative.train import GenerativeConfig, train_diffusion
+    from enecg.generative.base import generative_kinds, recipe_config, train_from_recipe
     from enecg.utils.config import config_help
 
     if args.help_config:
-        print(config_help(GenerativeConfig))
+        # Without a recipe: every kind's keys; with one, the keys of its kind.
+        kinds = [recipe_config(args.recipe)[0]] if args.recipe else [generative_kinds.get(n) for n in generative_kinds.names()]
+        print("\n\n".join(f"kind: {k.kind}\n{config_help(k.recipe_schema())}" for k in kinds))
         return 0
     if args.recipe is None:
         raise ValueError("enecg generate train needs a recipe: enecg generate train RECIPE.yaml [--KEY=VALUE ...]")
-    config = GenerativeConfig.from_yaml(args.recipe, args.overrides)
     if args.dry_run:
-        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        kind, config = recipe_config(args.recipe, args.overrides)
+        print(yaml.safe_dump({"kind": kind.kind, **config.to_dict()}, sort_keys=False), end="")
         return 0
-    folder = train_diffusion(config)
+    # The recipe's `kind` key (default diffusion) picks the registered model kind that trains it.
+    folder = train_from_recipe(args.recipe, args.overrides)
     metrics = json.loads((folder / "metrics.json").read_text())
-    print(f"model saved to {folder} (loss {metrics['first_loss']:.4f} -> {metrics['final_loss']:.4f})")
+    detail = (
+        f"loss {metrics['first_loss']:.4f} -> {metrics['final_loss']:.4f}"
+        if "final_loss" in metrics
+        else f"{metrics.get('records_used', metrics.get('records'))} records"
+    )
+    print(f"model saved to {folder} ({detail})")
     return 0
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from enecg.generative.model import load_diffusion
+    from enecg.generative.base import load_generative
     from enecg.generative.sampling import sample_to_folder
 
     if args.n < 1:  # before loading anything
         raise ValueError(f"--n must be at least 1, got {args.n}")
-    model = load_diffusion(args.model)
+    model = load_generative(args.model)
     names = sample_to_folder(
         model,
         args.label,

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from accelerate.scheduler import AcceleratedScheduler
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -258,8 +259,6 @@ class Trainer:
         self.max_steps: int = self._total_steps()
         self.scheduler = scheduler(self.optimizer, self.max_steps) if scheduler is not None else None
         if accelerator is not None and self.scheduler is not None:
-            from accelerate.scheduler import AcceleratedScheduler
-
             if not isinstance(self.scheduler, AcceleratedScheduler):  # a prepared one is saved already
                 accelerator.register_for_checkpointing(self.scheduler)  # save_state keeps only prepared objects
         self.compute_loss, self.evaluate_fn = compute_loss, evaluate

@@ -85,9 +85,8 @@ def evaluate_anomaly(
     keep = ~np.isnan(labels).all(axis=1)
     rows = [r for r, k in zip(rows, keep) if k]
     abnormal = (labels[keep, info.names.index(normal_label)] < 0.5).astype(float)
-    with torch.no_grad():
-        scores = score_anomaly(
-            model,
+    with torch.no_grad():  # the model's own score (any kind; the options are the diffusion kind's)
+        scores = model.anomaly_scores(
             [row_to_record(r) for r in rows],
             normal_label=normal_label,
             noise_levels=noise_levels,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from enecg.data.wfdb_folder import WfdbFolderOptions, prepare_wfdb_folder
-from enecg.generative.model import load_diffusion
+from enecg.generative.base import load_generative
 from enecg.generative.sampling import LABELS_FILE, sample_to_folder
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def materialize_synthetic(recipe: Any) -> Any:
             "data.synthetic: run `enecg train` in one process, or pool pre-generated records with "
             "data.extra_train (enecg generate sample + enecg data prepare wfdb --labels)"
         )
-    model = load_diffusion(section.model)
+    model = load_generative(section.model)  # any registered kind
     for label in section.per_label:  # every label is checked before any sampling
         model.label_vector([label])
     root = Path(recipe.output.dir) / "synthetic"

@@ -45,7 +45,8 @@ from enecg.data.schema import TaskInfo, is_synthetic, refuse_synthetic
 from enecg.evaluation.baselines import LinearProbe
 from enecg.evaluation.metrics import BootstrapConfig, auroc, bootstrap_ci
 from enecg.evaluation.plots import plot_ecg_12lead, save_figure
-from enecg.generative.model import CARD_FILE, METRICS_FILE, ECGDiffusion, load_diffusion, model_card
+from enecg.generative.base import GenerativeModel, load_generative
+from enecg.generative.model import CARD_FILE, METRICS_FILE
 from enecg.generative.train import label_matrix
 from enecg.record import ECGRecord
 
@@ -292,13 +293,13 @@ def _embed(expert: Any, records: list[ECGRecord], batch_size: int) -> np.ndarray
     return torch.cat(chunks).float().cpu().numpy()
 
 
-def _windows(model: ECGDiffusion, records: list[ECGRecord], batch_size: int) -> np.ndarray:
+def _windows(model: GenerativeModel, records: list[ECGRecord], batch_size: int) -> np.ndarray:
     """Real records as the model sees them, in mV: ``(n, leads, length)``."""
     chunks = [model.prepare(records[i : i + batch_size]) for i in range(0, len(records), batch_size)]
-    return (torch.cat(chunks) * model.spec.signal_scale).numpy()
+    return np.concatenate([np.asarray(c) for c in chunks]) * model.spec.signal_scale
 
 
-def _as_records(signals: np.ndarray, model: ECGDiffusion, prefix: str) -> list[ECGRecord]:
+def _as_records(signals: np.ndarray, model: GenerativeModel, prefix: str) -> list[ECGRecord]:
     spec = model.spec
     return [
         ECGRecord(signal=s.astype(np.float32), fs=spec.fs, leads=tuple(spec.leads), record_id=f"{prefix}:{i}")
@@ -337,7 +338,7 @@ def evaluate_samples(config: SampleEvaluationConfig) -> dict[str, Any]:
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = load_diffusion(config.model)
+    model = load_generative(config.model)  # any registered kind (diffusion, beat)
     spec = model.spec
     parts, meta = load_dataset_dir(config.data)
     for name in (*config.train_parts, config.test_part):
@@ -408,7 +409,7 @@ def evaluate_samples(config: SampleEvaluationConfig) -> dict[str, Any]:
             guidance_scale=config.guidance_scale,
         )
         e_extra = _embed(expert, _as_records(extra, model, f"synthetic-{label}"), config.batch_size)
-        y_extra = np.tile(model.label_vector([label]).numpy(), (len(extra), 1))
+        y_extra = np.tile(np.asarray(model.label_vector([label])), (len(extra), 1))
         x_augmented = np.concatenate([e_train[labelled], e_extra])
         y_augmented = np.concatenate([y_train[labelled], y_extra])
         augmented_predicted = probe_predictions(task, x_augmented, y_augmented, e_test)
@@ -487,5 +488,5 @@ def evaluate_samples(config: SampleEvaluationConfig) -> dict[str, Any]:
         metrics = json.loads((folder / METRICS_FILE).read_text())
         metrics["evaluation"] = summary | {"dataset": config.data, "expert": config.expert}
         (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=2, default=str))
-        (folder / CARD_FILE).write_text(model_card(spec, metrics))
+        (folder / CARD_FILE).write_text(model.card(metrics))
     return result

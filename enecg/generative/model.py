@@ -36,6 +36,7 @@ from torch import nn
 
 from enecg.contract import InputContract, apply_contract_array
 from enecg.data.schema import SYNTHETIC_PREFIX, is_synthetic  # noqa: F401  (re-exported)
+from enecg.generative.base import card_text, register_generative
 from enecg.record import ECGRecord
 from enecg.utils.config import ConfigError, ConfigMixin, decode
 from enecg.utils.files import write_text_atomic
@@ -155,8 +156,11 @@ class DiffusionSpec(ConfigMixin):
         return decode(cls, data, source or cls.config_name)
 
 
+@register_generative
 class ECGDiffusion(nn.Module):
     """Conditional noise predictor + schedulers; see the module docstring."""
+
+    kind = "diffusion"  # generative model kind (enecg.generative.base)
 
     def __init__(self, spec: DiffusionSpec) -> None:
         super().__init__()
@@ -390,6 +394,36 @@ class ECGDiffusion(nn.Module):
     def _device(self) -> torch.device:
         return next(self.parameters()).device
 
+    # ------------------------------------------------------------------ generative model kind (base.py)
+    @classmethod
+    def load_folder(cls, folder: Path) -> ECGDiffusion:
+        """The model saved in a local folder."""
+        return load_diffusion(folder)
+
+    @classmethod
+    def recipe_schema(cls) -> type:
+        """The recipe's config class (:class:`~enecg.generative.train.GenerativeConfig`)."""
+        from enecg.generative.train import GenerativeConfig  # train.py builds on this module
+
+        return GenerativeConfig
+
+    @classmethod
+    def train_config(cls, config: Any) -> Path:
+        """Train from a decoded recipe; the saved folder."""
+        from enecg.generative.train import train_diffusion  # train.py builds on this module
+
+        return train_diffusion(config)
+
+    def anomaly_scores(self, records: list[ECGRecord], **options: Any) -> np.ndarray:
+        """Denoising error per record (:func:`enecg.generative.anomaly.score_anomaly` with ``options``)."""
+        from enecg.generative.anomaly import score_anomaly  # anomaly.py builds on this module
+
+        return score_anomaly(self, records, **options)
+
+    def card(self, metrics: dict[str, Any]) -> str:
+        """The model card for these metrics."""
+        return model_card(self.spec, metrics)
+
 
 def _rows(values: np.ndarray | None, rows: slice) -> torch.Tensor | None:
     return None if values is None else torch.as_tensor(np.asarray(values[rows], np.float32))
@@ -414,37 +448,20 @@ def save_diffusion(
 
 def model_card(spec: DiffusionSpec, metrics: dict[str, Any]) -> str:
     """A Hub model card: what the model generates, how it was trained, and its evaluation (when recorded)."""
-    evaluation = metrics.get("evaluation")
-    lines = [
-        "---",
-        "library_name: enecg",
-        "tags: [ecg, diffusion, synthetic-data, enecg]",
-        "---",
-        f"# ECG diffusion model: {spec.task}",
-        "",
+    description = (
         f"Conditional 1-D diffusion model (diffusers UNet1DModel, DDPM training, DDIM sampling) of "
         f"{len(spec.leads)}-lead ECG at {spec.fs:g} Hz, {spec.length} samples, conditioned on the labels "
         f"{spec.label_names} ({spec.task_type}){' and age/sex' if spec.use_age_sex else ''}. "
-        f"Trained on the training part of `{spec.source}` only.",
-        "",
-        "Samples are **synthetic**: `enecg generate sample` marks them in their WFDB header comments and in the "
-        "dataset `source` column (`synthetic:<model>`), and enecg refuses them in validation/test parts.",
-        "",
-        "## Training",
-        "",
-        "```json",
-        json.dumps({k: v for k, v in metrics.items() if k != "evaluation"}, indent=2, default=str),
-        "```",
-        "",
-        "## Evaluation",
-        "",
-        "```json\n" + json.dumps(evaluation, indent=2, default=str) + "\n```"
-        if evaluation
-        else "Not evaluated yet (`enecg generate evaluate`).",
-        "",
-        "Load: `from enecg.generative import load_diffusion; load_diffusion('<folder or Hub ID>')`.",
-    ]
-    return "\n".join(lines) + "\n"
+        f"Trained on the training part of `{spec.source}` only."
+    )
+    return card_text(
+        f"ECG diffusion model: {spec.task}",
+        description,
+        ["ecg", "diffusion", "synthetic-data", "enecg"],
+        metrics,
+        "`from enecg.generative import load_diffusion; load_diffusion('<folder or Hub ID>')`",
+        "Training",
+    )
 
 
 def resolve_folder(source: str | os.PathLike, revision: str | None = None) -> Path:

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from enecg.contract import apply_contract_array
+from enecg.contract import InputContract, apply_contract_array
 from enecg.data.build import load_dataset_dir
 from enecg.data.schema import EVALUATION_PARTS, TaskInfo, is_synthetic
 from enecg.engine import Trainer, TrainerArguments, TrainerCallback
@@ -134,17 +134,44 @@ def label_matrix(values: list[Any], task: TaskInfo) -> np.ndarray:
     return out
 
 
+def read_training_rows(
+    data: str, parts: tuple[str, ...], task_name: str, max_records: int | None = None
+) -> tuple[list[dict[str, Any]], TaskInfo, Any]:
+    """The real rows (synthetic ones left out) of a dataset's training ``parts`` (the first ``max_records``), the
+    task and the dataset metadata; a missing part or no real record is a one-line ValueError."""
+    loaded, meta = load_dataset_dir(data)
+    missing = [p for p in parts if p not in loaded]
+    if missing:
+        raise ValueError(f"{data}: no part(s) {missing}; parts: {sorted(loaded)}")
+    task = meta.task(task_name)
+    rows = [row for part in parts for row in loaded[part] if not is_synthetic(row["source"])]
+    rows = rows[:max_records] if max_records else rows
+    if not rows:
+        raise ValueError(f"{data}: no real records in parts {list(parts)}")
+    return rows, task, meta
+
+
+def rows_to_arrays(rows: list[dict[str, Any]], task: TaskInfo, contract: InputContract) -> TrainingArrays:
+    """Rows -> signals through ``contract`` (first window, mV), multi-hot labels, ages and sexes (NaN: unknown)."""
+    signals = np.stack(
+        [
+            apply_contract_array(
+                np.asarray(r["signal"], np.float32), r["fs"], r["leads"], contract, source=r["record_id"]
+            ).windows[0]
+            for r in rows
+        ]
+    )
+    return TrainingArrays(
+        signals=signals,
+        labels=label_matrix([r[task.name] for r in rows], task),
+        age=np.asarray([np.nan if r["age"] is None else r["age"] for r in rows], np.float32),
+        sex=np.asarray([np.nan if r["sex"] is None else r["sex"] for r in rows], np.float32),
+    )
+
+
 def load_training_arrays(config: GenerativeConfig) -> tuple[TrainingArrays, DiffusionSpec]:
     """Read the training parts (synthetic rows left out) and derive the model spec from them."""
-    parts, meta = load_dataset_dir(config.data)
-    missing = [p for p in config.parts if p not in parts]
-    if missing:
-        raise ValueError(f"{config.data}: no part(s) {missing}; parts: {sorted(parts)}")
-    task = meta.task(config.task)
-    rows = [row for part in config.parts for row in parts[part] if not is_synthetic(row["source"])]
-    rows = rows[: config.max_records] if config.max_records else rows
-    if not rows:
-        raise ValueError(f"{config.data}: no real records in parts {list(config.parts)}")
+    rows, task, meta = read_training_rows(config.data, config.parts, config.task, config.max_records)
     leads = list(config.leads or rows[0]["leads"])
     fs = float(config.fs or rows[0]["fs"])
     spec = DiffusionSpec(
@@ -163,21 +190,8 @@ def load_training_arrays(config: GenerativeConfig) -> tuple[TrainingArrays, Diff
         beta_schedule=config.beta_schedule,
         source=f"{meta.source} ({Path(config.data).name}, parts {list(config.parts)})",
     )
-    contract = spec.contract()
-    signals = np.stack(
-        [
-            apply_contract_array(
-                np.asarray(r["signal"], np.float32), r["fs"], r["leads"], contract, source=r["record_id"]
-            ).windows[0]
-            for r in rows
-        ]
-    )
-    arrays = TrainingArrays(
-        signals=signals,
-        labels=label_matrix([r[task.name] for r in rows], task),
-        age=np.asarray([np.nan if r["age"] is None else r["age"] for r in rows], np.float32),
-        sex=np.asarray([np.nan if r["sex"] is None else r["sex"] for r in rows], np.float32),
-    )
+    arrays = rows_to_arrays(rows, task, spec.contract())
+    signals = arrays.signals
     # One global amplitude keeps the leads' relative sizes; robust to a few saturated records.
     spec.signal_scale = float(np.percentile(np.abs(signals), 99) / 2.5) or 1.0
     return arrays, spec
