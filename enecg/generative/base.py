@@ -74,6 +74,15 @@ class GenerativeModel(Protocol):
         """The Hub model card (README.md) for these metrics (training, and evaluation when recorded)."""
 
 
+def multi_hot(label_names: list[str], task: str, labels: list[str] | tuple[str, ...]) -> np.ndarray:
+    """Multi-hot float32 ``(K,)`` of ``labels`` over a model's ``label_names``; an unknown name is a one-line
+    ValueError naming the task and the known labels (every kind's ``label_vector``)."""
+    unknown = [name for name in labels if name not in label_names]
+    if unknown:
+        raise ValueError(f"unknown label(s) {unknown} for task {task!r}; known: {label_names}")
+    return np.asarray([float(name in labels) for name in label_names], np.float32)
+
+
 def card_text(
     title: str, description: str, tags: list[str], metrics: dict[str, Any], load_hint: str, fit_heading: str
 ) -> str:

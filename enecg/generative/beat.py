@@ -51,7 +51,7 @@ from safetensors.numpy import load_file, save_file
 
 from enecg.contract import InputContract, apply_contract_array
 from enecg.data.schema import EVALUATION_PARTS
-from enecg.generative.base import card_text, register_generative
+from enecg.generative.base import card_text, multi_hot, register_generative
 from enecg.generative.evaluate import r_peaks
 from enecg.generative.model import CARD_FILE, CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE
 from enecg.generative.train import read_training_rows, rows_to_arrays
@@ -305,12 +305,7 @@ class BeatModel:
     # ------------------------------------------------------------------ condition
     def label_vector(self, labels: list[str] | tuple[str, ...]) -> np.ndarray:
         """Multi-hot ``(K,)`` for label names; an unknown one is a one-line ValueError."""
-        unknown = [name for name in labels if name not in self.spec.label_names]
-        if unknown:
-            raise ValueError(
-                f"unknown label(s) {unknown} for task {self.spec.task!r}; known: {self.spec.label_names}"
-            )
-        return np.asarray([float(name in labels) for name in self.spec.label_names], np.float32)
+        return multi_hot(self.spec.label_names, self.spec.task, labels)
 
     def condition(self, labels: np.ndarray, ages: np.ndarray | None, sexes: np.ndarray | None) -> np.ndarray:
         """Condition vectors ``(n, condition_dim)``: labels (NaN read as 0), then centred age (decades) and sex

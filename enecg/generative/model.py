@@ -36,7 +36,7 @@ from torch import nn
 
 from enecg.contract import InputContract, apply_contract_array
 from enecg.data.schema import SYNTHETIC_PREFIX, is_synthetic  # noqa: F401  (re-exported)
-from enecg.generative.base import card_text, register_generative
+from enecg.generative.base import card_text, multi_hot, register_generative
 from enecg.record import ECGRecord
 from enecg.utils.config import ConfigError, ConfigMixin, decode
 from enecg.utils.files import write_text_atomic
@@ -260,12 +260,7 @@ class ECGDiffusion(nn.Module):
     # ------------------------------------------------------------------ sampling
     def label_vector(self, labels: list[str] | tuple[str, ...]) -> torch.Tensor:
         """Multi-hot ``(K,)`` for label names; an unknown one is a one-line ValueError."""
-        unknown = [name for name in labels if name not in self.spec.label_names]
-        if unknown:
-            raise ValueError(
-                f"unknown label(s) {unknown} for task {self.spec.task!r}; known: {self.spec.label_names}"
-            )
-        return torch.tensor([float(name in labels) for name in self.spec.label_names])
+        return torch.from_numpy(multi_hot(self.spec.label_names, self.spec.task, labels))
 
     @torch.no_grad()
     def sample(
